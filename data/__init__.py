@@ -1,0 +1,1 @@
+"""Everything on disk that the stages share: dataset readers, split indexes, the feature store."""
