@@ -4,3 +4,53 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+WORDS = ["a", "red", "green", "blue", "circle", "square", "on", "the", "left", "right", "small", "large",
+         "background", "grey", "star", "yellow", "of", "and"]
+
+
+def make_images(folder: Path, n: int, size: int = 48, seed: int = 0) -> list[str]:
+    """Write n small JPEGs (random coloured blocks) and return their names."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(n):
+        pixels = np.kron(rng.integers(0, 255, (4, 4, 3)), np.ones((size // 4, size // 4, 1))).astype(np.uint8)
+        name = f"img_{i:04d}.jpg"
+        Image.fromarray(pixels).save(folder / name, quality=90)
+        names.append(name)
+    return names
+
+
+def captions_for(rng, k: int) -> list[str]:
+    return [" ".join(rng.choice(WORDS, size=rng.integers(3, 9))) for _ in range(k)]
+
+
+def write_karpathy(root: Path, dataset: str, splits: dict[str, int], caps=(5, 7), seed: int = 0) -> Path:
+    """A Karpathy split file with 5-7 captions per image plus the images, under root/dataset/."""
+    rng = np.random.default_rng(seed)
+    names = make_images(root / dataset / "images", sum(splits.values()), seed=seed)
+    entries, k = [], 0
+    for split, n in splits.items():
+        for _ in range(n):
+            sents = [{"raw": c, "tokens": c.split()} for c in captions_for(rng, int(rng.integers(caps[0], caps[1] + 1)))]
+            entries.append({"filepath": "", "filename": names[k], "split": split, "sentences": sents, "imgid": k})
+            k += 1
+    path = root / dataset / f"dataset_{dataset}.json"
+    path.write_text(json.dumps({"dataset": dataset, "images": entries}))
+    return path
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    """data root with a `toy` dataset: 10 train, 6 val, 8 test images, 5-7 captions each."""
+    root = tmp_path / "datasets"
+    write_karpathy(root, "toy", {"train": 10, "val": 6, "test": 8})
+    return root

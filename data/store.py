@@ -1,0 +1,188 @@
+"""The feature store: HDF5 shards of one backbone's outputs for one split, with a manifest.
+
+Layout: ``<cache>/<dataset>/<split>/<backbone>/{images,texts}-NNNNN.h5`` plus ``manifest.json``.
+Every shard holds ``ids`` (int64 rows of the split index), optionally ``view`` (int8, 0 = clean
+image, k = k-th augmented view), ``embeds`` (N x D float32, L2-normalised retrieval embedding),
+``norms`` (N float32, the norm before normalising), ``tokens`` (all rows' node features stacked,
+float16; row 0 of a sample is its global node) and ``offsets`` (N+1 int64). A shard is written
+under a temporary name and renamed when complete; its ``complete`` attribute is set last.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+import h5py
+import numpy as np
+
+from data.atomic import atomic_path, read_json, write_json
+from data.errors import PipelineError
+
+SCHEMA_VERSION = 1
+KINDS = ("images", "texts")
+
+
+@dataclass
+class ShardData:
+    """Rows of one shard (or of a whole store, concatenated)."""
+
+    ids: np.ndarray
+    embeds: np.ndarray
+    norms: np.ndarray
+    offsets: np.ndarray
+    tokens: np.ndarray | None = None
+    view: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def raw_embeds(self) -> np.ndarray:
+        """The backbone's unnormalised projection (what HADA's output layer takes)."""
+        return self.embeds * self.norms[:, None]
+
+    @classmethod
+    def concat(cls, parts: list["ShardData"]) -> "ShardData":
+        if not parts:
+            raise ValueError("no shards to concatenate")
+        tok = [p.tokens for p in parts]
+        starts = np.cumsum([0] + [p.offsets[-1] for p in parts[:-1]])
+        offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, starts)])
+        views = [p.view for p in parts]
+        return cls(
+            ids=np.concatenate([p.ids for p in parts]),
+            embeds=np.concatenate([p.embeds for p in parts]),
+            norms=np.concatenate([p.norms for p in parts]),
+            offsets=offsets.astype(np.int64),
+            tokens=None if any(t is None for t in tok) else np.concatenate(tok),
+            view=None if any(v is None for v in views) else np.concatenate(views),
+        )
+
+
+def shard_name(kind: str, number: int) -> str:
+    return f"{kind}-{number:05d}.h5"
+
+
+def _attr(value):
+    """HDF5 attributes take scalars and strings; store anything else as its repr."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (float, np.floating)):
+        return float(value)
+    return str(value)  # also turns numpy strings into the variable-length strings h5py stores
+
+
+def write_shard(path: Path, data: ShardData, attrs: dict) -> int:
+    """Write atomically; returns the bytes on disk."""
+    if data.tokens is not None and data.offsets[-1] != len(data.tokens):
+        raise ValueError(f"{path.name}: offsets end at {data.offsets[-1]} but there are {len(data.tokens)} token rows")
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("ids", data=data.ids.astype(np.int64))
+            if data.view is not None:
+                f.create_dataset("view", data=data.view.astype(np.int8))
+            f.create_dataset("embeds", data=data.embeds.astype(np.float32))
+            f.create_dataset("norms", data=data.norms.astype(np.float32))
+            f.create_dataset("offsets", data=data.offsets.astype(np.int64))
+            tokens = data.tokens if data.tokens is not None else np.zeros((0, 0), np.float16)
+            f.create_dataset("tokens", data=tokens.astype(np.float16), chunks=True if len(tokens) else None)
+            for k, v in attrs.items():
+                f.attrs[k] = _attr(v)
+            f.attrs["schema"] = SCHEMA_VERSION
+            f.attrs["rows"] = len(data)
+            f.attrs["complete"] = True  # set last: a shard without it was cut off
+        return os.path.getsize(tmp)
+
+
+def shard_is_complete(path: Path, fingerprint: dict) -> bool:
+    """True if the shard exists, was closed complete, and was made with this configuration."""
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as f:
+            if not f.attrs.get("complete", False):
+                return False
+            return all(f.attrs.get(k) == _attr(v) for k, v in fingerprint.items())
+    except OSError:
+        return False
+
+
+def read_shard(path: Path, tokens: bool = True) -> ShardData:
+    try:
+        with h5py.File(path, "r") as f:
+            if not f.attrs.get("complete", False):
+                raise PipelineError(f"shard {path} is incomplete: rerun `pipeline extract` to redo it")
+            return ShardData(
+                ids=f["ids"][:], embeds=f["embeds"][:], norms=f["norms"][:], offsets=f["offsets"][:],
+                tokens=f["tokens"][:] if tokens else None, view=f["view"][:] if "view" in f else None)
+    except OSError as e:
+        raise PipelineError(f"shard {path} cannot be read ({e}): remove it and rerun `pipeline extract`") from None
+
+
+def read_shard_attrs(path: Path) -> dict:
+    with h5py.File(path, "r") as f:
+        return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
+
+
+def describe_difference(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    return "; ".join(f"{k}: {old.get(k)!r} (stored) vs {new.get(k)!r} (now)" for k in keys if old.get(k) != new.get(k))
+
+
+class FeatureStore:
+    """One backbone's store for one split: shards plus ``manifest.json``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @classmethod
+    def at(cls, cache: str | Path, dataset: str, split: str, name: str) -> "FeatureStore":
+        return cls(Path(cache) / dataset / split / name)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def manifest(self) -> dict:
+        if not self.manifest_path.is_file():
+            raise PipelineError(f"no feature store at {self.root}: run `pipeline extract` for it first")
+        return read_json(self.manifest_path)
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def claim(self, fingerprint: dict) -> dict:
+        """Open for writing with this configuration; refuse a store made with another one."""
+        for stale in self.root.glob(".*.tmp"):  # left by a killed run; never a complete shard
+            stale.unlink()
+        if self.exists():
+            manifest = self.manifest()
+            if manifest["fingerprint"] != fingerprint:
+                raise PipelineError(
+                    f"the store at {self.root} was made with another configuration: "
+                    f"{describe_difference(manifest['fingerprint'], fingerprint)}. "
+                    f"Use another --cache or remove that folder.")
+            return manifest
+        manifest = {"schema": SCHEMA_VERSION, "fingerprint": fingerprint, "complete": False}
+        write_json(self.manifest_path, manifest)
+        return manifest
+
+    def finish(self, manifest: dict) -> None:
+        write_json(self.manifest_path, {**manifest, "complete": True})
+
+    def shard_paths(self, kind: str) -> list[Path]:
+        manifest = self.manifest()
+        if not manifest.get("complete"):
+            raise PipelineError(f"the store at {self.root} is incomplete: rerun `pipeline extract` to finish it")
+        return [self.root / name for name in manifest["shards"][kind]]
+
+    def load(self, kind: str, tokens: bool = True) -> ShardData:
+        """All rows of one kind, in shard order (which is split-index order)."""
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}")
+        return ShardData.concat([read_shard(p, tokens) for p in self.shard_paths(kind)])
+
+    def bad_images(self) -> list[int]:
+        return [b["id"] for b in self.manifest().get("bad_images", [])]

@@ -1,0 +1,82 @@
+"""The contract every backbone meets: preprocessing, tokenizer, and image/text encoders."""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from data.errors import PipelineError
+
+
+@dataclass(frozen=True)
+class BackboneOptions:
+    """What a user can choose about a backbone on the command line."""
+
+    checkpoint: str | None = None  # HF id / local folder (BLIP), pretrained tag / file / hf-hub: id (CLIP)
+    model: str | None = None  # architecture name where the family has several (open_clip)
+    dataset: str = "coco"  # picks the fine-tuned default checkpoint where there is one
+    tokens: bool = False  # token nodes for backbones that give only a global node by default (CLIP)
+    download: bool = False  # allow network access for weights; otherwise only local files
+
+
+@dataclass
+class Encoded:
+    """A batch through a backbone: raw projections and node features (row 0 = global node)."""
+
+    proj: torch.Tensor  # B x D, unnormalised retrieval projection
+    tokens: torch.Tensor  # B x T x W, padded for texts
+    lengths: torch.Tensor | None = None  # B, valid rows per text (None: all T rows are valid)
+
+
+@dataclass
+class Tokenized:
+    inputs: dict[str, torch.Tensor]
+    truncated: int  # captions cut to the encoder's length limit
+
+
+class Backbone(abc.ABC):
+    """One frozen retrieval model. Subclasses set ``module`` (the torch model) in ``__init__``."""
+
+    name: str
+    module: torch.nn.Module
+    image_size: int
+
+    @abc.abstractmethod
+    def eval_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> normalised tensor, as the model was evaluated."""
+
+    @abc.abstractmethod
+    def train_transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """PIL image -> augmented tensor, as HADA trains (random resized crop, flip, RandAugment)."""
+
+    @abc.abstractmethod
+    def tokenize(self, captions: list[str]) -> Tokenized: ...
+
+    @abc.abstractmethod
+    def encode_images(self, pixels: torch.Tensor) -> Encoded: ...
+
+    @abc.abstractmethod
+    def encode_texts(self, inputs: dict[str, torch.Tensor]) -> Encoded: ...
+
+    @abc.abstractmethod
+    def describe(self) -> dict:
+        """Everything that changes the features: written into every shard and the store's fingerprint."""
+
+    @property
+    def patch_grid(self) -> int:
+        """Side of the square patch grid behind image rows 1.. (0 when there are no patch rows)."""
+        return 0
+
+    def to(self, device: torch.device) -> "Backbone":
+        self.module.to(device).eval().requires_grad_(False)
+        return self
+
+
+def missing_weights(what: str, where: str, flag: str) -> PipelineError:
+    """The one message for weights that cannot be had offline."""
+    return PipelineError(
+        f"weights {what} not found ({where}). Point {flag} at a local copy, or pass --download "
+        f"to fetch them (needs network access).")

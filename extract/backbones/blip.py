@@ -1,0 +1,138 @@
+"""BLIP retrieval models through transformers' BlipForImageTextRetrieval (`blip`, `blip-tiny`)."""
+from __future__ import annotations
+
+import torch
+import transformers
+from torchvision import transforms as T
+from transformers import AutoTokenizer, BertTokenizer, BlipConfig, BlipForImageTextRetrieval
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+from data.errors import PipelineError
+from extract.backbones import register
+from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized
+from extract.backbones.text import blip_clean
+from extract.backbones.weights import hf_snapshot
+
+DEFAULT_CHECKPOINTS = {"flickr30k": "Salesforce/blip-itm-base-flickr", "coco": "Salesforce/blip-itm-base-coco"}
+
+
+class PixelTransform:
+    """PIL -> tensor through BLIP's own PIL image processor (matches the reference's eval transform)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image):
+        return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+class Blip(Backbone):
+    def __init__(self, name: str, model: BlipForImageTextRetrieval, tokenizer, processor, checkpoint: str):
+        self.name, self.module, self.tokenizer, self.processor = name, model.eval(), tokenizer, processor
+        self.checkpoint = checkpoint
+        vc = model.config.vision_config
+        self.image_size = vc.image_size
+        self._grid = vc.image_size // vc.patch_size
+        self.max_length = model.config.text_config.max_position_embeddings
+
+    @property
+    def patch_grid(self) -> int:
+        return self._grid
+
+    def eval_transform(self):
+        return PixelTransform(self.processor)
+
+    def train_transform(self):
+        # HADA-LAVIS's BLIP training augmentation.
+        return T.Compose([
+            T.RandomResizedCrop(self.image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(), T.RandAugment(2, 5), T.ToTensor(),
+            T.Normalize(self.processor.image_mean, self.processor.image_std)])
+
+    def tokenize(self, captions: list[str]) -> Tokenized:
+        ids = self.tokenizer([blip_clean(c) for c in captions], truncation=False)["input_ids"]
+        truncated = sum(len(x) > self.max_length for x in ids)
+        sep = self.tokenizer.sep_token_id
+        ids = [x if len(x) <= self.max_length else x[: self.max_length - 1] + [sep] for x in ids]
+        width = max(map(len, ids))
+        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):
+            input_ids[row, : len(x)] = torch.tensor(x)
+            mask[row, : len(x)] = 1
+        return Tokenized({"input_ids": input_ids, "attention_mask": mask}, truncated)
+
+    def encode_images(self, pixels: torch.Tensor) -> Encoded:
+        # last_hidden_state (after the final ViT norm), CLS first; not pooler_output, which norms twice.
+        tokens = self.module.vision_model(pixel_values=pixels).last_hidden_state
+        if tokens.shape[1] != self._grid ** 2 + 1:  # a wrong image size passes silently with fewer tokens
+            raise PipelineError(f"{self.name}: got {tokens.shape[1]} vision tokens, expected {self._grid ** 2 + 1}")
+        return Encoded(self.module.vision_proj(tokens[:, 0]), tokens)
+
+    def encode_texts(self, inputs: dict[str, torch.Tensor]) -> Encoded:
+        # Text-only (bidirectional) mode: no encoder states.
+        states = self.module.text_encoder(input_ids=inputs["input_ids"],
+                                          attention_mask=inputs["attention_mask"]).last_hidden_state
+        return Encoded(self.module.text_proj(states[:, 0]), states, inputs["attention_mask"].sum(1))
+
+    def describe(self) -> dict:
+        cfg = self.module.config
+        return {
+            "backbone": self.name, "model": type(self.module).__name__, "checkpoint": self.checkpoint,
+            "image_size": self.image_size, "embed_dim": cfg.image_text_hidden_size,
+            "image_token_dim": cfg.vision_config.hidden_size, "text_token_dim": cfg.text_config.hidden_size,
+            "preprocessing": f"BlipImageProcessorPil resize {self.image_size} bicubic, OpenAI mean/std; "
+                             f"captions BLIP-cleaned, max {self.max_length} tokens",
+            "transformers": transformers.__version__, "torch": torch.__version__,
+        }
+
+
+@register("blip", "BLIP ViT-B/16 retrieval model (transformers), fine-tuned on the chosen dataset")
+def blip(options: BackboneOptions) -> Blip:
+    ref = options.checkpoint or DEFAULT_CHECKPOINTS.get(options.dataset, DEFAULT_CHECKPOINTS["coco"])
+    folder = hf_snapshot(ref, "--checkpoint", options.download)
+    try:
+        model, info = BlipForImageTextRetrieval.from_pretrained(folder, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        processor = BlipImageProcessorPil.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"--checkpoint {ref}: not a BLIP retrieval checkpoint ({e})") from None
+    bad = [k for k in [*info["missing_keys"], *info["unexpected_keys"]] if not k.endswith("position_ids")]
+    if bad:  # random weights in place of missing ones would give silently wrong features
+        raise PipelineError(f"--checkpoint {ref}: weights do not match BlipForImageTextRetrieval "
+                            f"({len(bad)} missing or unexpected keys, e.g. {bad[:3]})")
+    return Blip("blip", model, tokenizer, processor, ref)
+
+
+def tiny_vocabulary() -> dict[str, int]:
+    """A small BERT WordPiece vocabulary built in code: specials, the demo words, letters and suffix letters."""
+    from data.demo import DEMO_WORDS
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
+    words += [w for w in DEMO_WORDS if w not in words] + [c for c in letters if c not in DEMO_WORDS]
+    words += ["##" + c for c in letters]
+    return {w: i for i, w in enumerate(words)}
+
+
+def tiny_blip(seed: int = 0) -> tuple[BlipForImageTextRetrieval, BertTokenizer, BlipImageProcessorPil]:
+    """Same classes as `blip`, tiny random-initialised config (fixed seed), no network."""
+    vocab = tiny_vocabulary()
+    tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
+    config = BlipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=64, patch_size=16, initializer_range=0.02),  # default 1e-10 makes outputs ignore the image
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=40, pad_token_id=vocab["[PAD]"],
+                         bos_token_id=vocab["[CLS]"], sep_token_id=vocab["[SEP]"], initializer_range=0.02),
+        image_text_hidden_size=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BlipForImageTextRetrieval(config)
+    return model, tokenizer, BlipImageProcessorPil(size={"height": 64, "width": 64})
+
+
+@register("blip-tiny", "tiny random-initialised BLIP (same classes) for tests and the demo; no weights")
+def blip_tiny(options: BackboneOptions) -> Blip:
+    model, tokenizer, processor = tiny_blip()
+    return Blip("blip-tiny", model, tokenizer, processor, "random-init(seed=0)")

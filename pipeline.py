@@ -1,0 +1,93 @@
+"""The `pipeline` command: parses options into each stage's config and calls the stage."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+import types
+import typing
+
+import click
+
+from data.errors import PipelineError
+
+
+def config_options(config_cls, exclude: tuple[str, ...] = ()):
+    """Turn every field of a stage's config dataclass into a click option (help from the field's metadata)."""
+    hints = typing.get_type_hints(config_cls)
+
+    def decorate(fn):
+        for f in reversed(dataclasses.fields(config_cls)):
+            if f.name in exclude:
+                continue
+            meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+            hint = hints[f.name]
+            base = [a for a in typing.get_args(hint) if a is not type(None)][0] if isinstance(hint, types.UnionType) else hint
+            kwargs = dict(help=meta.get("help"), show_default=f.default is not None and not meta.get("required"))
+            if base is bool:
+                fn = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=f.default, **kwargs)(fn)
+                continue
+            ptype = click.Choice(meta["choices"]) if "choices" in meta else base
+            fn = click.option(flag, f.name, type=ptype, default=f.default, required=meta.get("required", False),
+                              **kwargs)(fn)
+        return fn
+    return decorate
+
+
+def run_stage(fn, *args):
+    """Call a stage; bad input becomes one clear line on stderr and exit status 2, not a traceback."""
+    try:
+        return fn(*args)
+    except PipelineError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("Interrupted: completed shards and checkpoints are kept; rerun to resume.", err=True)
+        sys.exit(130)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="debug logging")
+def cli(verbose: bool) -> None:
+    """HADA graph fusion of pretrained retrieval backbones, from an offline feature cache."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "huggingface_hub", "urllib3", "distributed", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@cli.command()
+def backbones() -> None:
+    """List the registered backbones."""
+    from extract.backbones import available
+
+    for name, summary in available().items():
+        click.echo(f"{name:12s} {summary}")
+
+
+from extract.config import ExtractConfig  # noqa: E402  (light: no torch import)
+
+
+@cli.command()
+@config_options(ExtractConfig)
+def extract(**options) -> None:
+    """Run one backbone once over a dataset split and write its node features to HDF5 shards."""
+    from extract.run import human, run_extract
+
+    summary = run_stage(run_extract, ExtractConfig(**options))
+    est = summary["estimate"]
+    if summary.get("dry_run"):
+        click.echo(f"would write {summary['shards']} shards to {summary['store']}: "
+                   f"{summary['rows']['images']} image rows, {summary['rows']['texts']} caption rows, "
+                   f"about {human(est['total'])} ({human(est['bytes_per_image'])}/image, "
+                   f"{human(est['bytes_per_caption'])}/caption)")
+        return
+    click.echo(f"{summary['store']}: {summary['rows']['images']} image rows, {summary['rows']['texts']} caption rows "
+               f"in {summary['shards']} shards ({summary['shards_written']} written now), {human(summary['bytes'])} "
+               f"on disk, {summary['seconds']:.1f} s; {summary['bad_images']} bad images skipped, "
+               f"{summary['truncated_captions']} captions truncated")
+
+
+if __name__ == "__main__":
+    cli()
