@@ -1,0 +1,76 @@
+"""HADA's training losses: id-targeted contrastive (ITC), hard-negative sampling and matching (ITM).
+
+Everything here computes in float32 (inputs are cast), so callers may hold
+bfloat16 activations under autocast.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Finite, so that 0 * log_softmax stays 0 for masked columns (``-inf`` would give NaN).
+_MASKED = -1e9
+
+
+def id_targets(ids: Tensor, all_ids: Tensor) -> Tensor:
+    """Soft ITC targets (N, M): every entry of ``all_ids`` equal to the row's id
+    shares the row's mass equally. Negative ids mark empty queue slots."""
+    pos = (ids.view(-1, 1) == all_ids.view(1, -1)) & (all_ids.view(1, -1) >= 0)
+    pos = pos.to(torch.float32)
+    # Rows always match themselves when ``all_ids`` starts with ``ids``; clamp guards the rest.
+    return pos / pos.sum(dim=1, keepdim=True).clamp_min(1.0)
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Mean over rows of -sum(targets * log_softmax(logits)); columns where
+    ``valid`` (broadcastable bool) is False take no part in the softmax."""
+    logits = logits.float()
+    if valid is not None:
+        logits = logits.masked_fill(~valid, _MASKED)
+    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+
+
+def itc_loss(sim_i2t: Tensor, sim_t2i: Tensor, targets: Tensor,
+             valid: Tensor | None = None) -> Tensor:
+    """ALBEF's contrastive loss, (i2t + t2i) / 2, on temperature-scaled logits.
+
+    Rows of both are the batch's pairs keyed by their image id, columns batch +
+    queue entries, so one target matrix serves both directions.
+    """
+    return 0.5 * (soft_cross_entropy(sim_i2t, targets, valid)
+                  + soft_cross_entropy(sim_t2i, targets, valid))
+
+
+def sample_hard_negatives(logits: Tensor, same: Tensor) -> tuple[Tensor, Tensor]:
+    """One negative column per row, drawn with probability softmax(logits) over
+    the columns not marked ``same`` (torch.multinomial, so seeded runs repeat).
+
+    Returns (index (N,), has_negative (N,) bool). A row with every column
+    ``same`` (e.g. the whole batch shows one image) has no negative: it draws
+    uniformly so shapes stay static, and callers must drop it via ``has_negative``.
+    """
+    logits = logits.detach().float()
+    has_neg = ~same.all(dim=1)
+    # Mask before the softmax: masking after it underflows to all-zero rows at small temperatures.
+    logits = logits.masked_fill(same, float("-inf"))
+    logits = torch.where(has_neg.unsqueeze(1), logits, torch.zeros_like(logits))
+    probs = F.softmax(logits, dim=1)
+    return torch.multinomial(probs, 1).squeeze(1), has_neg
+
+
+def itm_features(a: Tensor, b: Tensor) -> Tensor:
+    """The discriminator input [a, b, |a - b|, a * b]."""
+    return torch.cat([a, b, (a - b).abs(), a * b], dim=-1)
+
+
+def itm_loss(pos_logits: Tensor, neg_logits: Tensor, neg_valid: Tensor) -> Tensor:
+    """Binary cross-entropy with logits: positives label 1, negatives 0; the mean
+    runs over the positives and the valid negatives only."""
+    logits = torch.cat([pos_logits.reshape(-1), neg_logits.reshape(-1)]).float()
+    labels = torch.cat([torch.ones_like(pos_logits.reshape(-1)),
+                        torch.zeros_like(neg_logits.reshape(-1))]).float()
+    weight = torch.cat([torch.ones_like(pos_logits.reshape(-1)),
+                        neg_valid.reshape(-1).to(pos_logits.dtype)]).float()
+    loss = F.binary_cross_entropy_with_logits(logits, labels, weight=weight, reduction="sum")
+    return loss / weight.sum()
