@@ -89,5 +89,19 @@ def extract(**options) -> None:
                f"{summary['truncated_captions']} captions truncated")
 
 
+from fuse.config import FuseConfig  # noqa: E402
+
+
+@cli.command()
+@config_options(FuseConfig)
+def fuse(**options) -> None:
+    """Train the HADA graph fusion from the cached train/val features; write fused val/test embeddings."""
+    from fuse.run import run_fuse
+
+    summary = run_stage(run_fuse, FuseConfig(**options))
+    click.echo(f"{summary['run']}: {summary['epochs']} epochs, best validation rsum {summary['best_rsum']:.2f}; "
+               f"fused embeddings for {', '.join(summary['encoded']) or 'no split'}")
+
+
 if __name__ == "__main__":
     cli()

@@ -178,11 +178,56 @@ class FeatureStore:
             raise PipelineError(f"the store at {self.root} is incomplete: rerun `pipeline extract` to finish it")
         return [self.root / name for name in manifest["shards"][kind]]
 
-    def load(self, kind: str, tokens: bool = True) -> ShardData:
-        """All rows of one kind, in shard order (which is split-index order)."""
+    def load(self, kind: str, tokens: bool = True, id_range: tuple[int, int] | None = None) -> ShardData:
+        """Rows of one kind in split-index order; ``id_range=(a, b)`` keeps rows with a <= id < b.
+
+        Reads straight into preallocated arrays, so peak memory is the result itself (no concatenation).
+        """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
-        return ShardData.concat([read_shard(p, tokens) for p in self.shard_paths(kind)])
+        plan = []  # (path, first row, last row, first token row, last token row)
+        for path in self.shard_paths(kind):
+            try:
+                with h5py.File(path, "r") as f:
+                    if not f.attrs.get("complete", False):
+                        raise PipelineError(f"shard {path} is incomplete: rerun `pipeline extract` to redo it")
+                    ids = f["ids"][:]
+                    lo, hi = (0, len(ids)) if id_range is None else np.searchsorted(ids, id_range)
+                    if hi > lo:
+                        plan.append((path, int(lo), int(hi), int(f["offsets"][lo]), int(f["offsets"][hi])))
+            except OSError as e:
+                raise PipelineError(f"shard {path} cannot be read ({e}): remove it and rerun `pipeline extract`") from None
+        if not plan:
+            raise PipelineError(f"{self.root}: no {kind} rows" + (f" with ids in {id_range}" if id_range else ""))
+        with h5py.File(plan[0][0], "r") as f:
+            dims, width, has_view = f["embeds"].shape[1], f["tokens"].shape[1], "view" in f
+        n, t = sum(p[2] - p[1] for p in plan), sum(p[4] - p[3] for p in plan)
+        out = ShardData(ids=np.empty(n, np.int64), embeds=np.empty((n, dims), np.float32),
+                        norms=np.empty(n, np.float32), offsets=np.zeros(n + 1, np.int64),
+                        tokens=np.empty((t, width), np.float16) if tokens else None,
+                        view=np.empty(n, np.int8) if has_view else None)
+        row = tok = 0
+        for path, lo, hi, tlo, thi in plan:
+            with h5py.File(path, "r") as f:
+                m = hi - lo
+                out.ids[row:row + m] = f["ids"][lo:hi]
+                out.embeds[row:row + m] = f["embeds"][lo:hi]
+                out.norms[row:row + m] = f["norms"][lo:hi]
+                out.offsets[row + 1:row + m + 1] = f["offsets"][lo + 1:hi + 1] - tlo + tok
+                if out.view is not None:
+                    out.view[row:row + m] = f["view"][lo:hi]
+                if tokens and thi > tlo:
+                    f["tokens"].read_direct(out.tokens, np.s_[tlo:thi], np.s_[tok:tok + thi - tlo])
+                row, tok = row + m, tok + thi - tlo
+        return out
+
+    def nbytes(self, kind: str) -> int:
+        """Bytes the token features of one kind take in memory (float16)."""
+        total = 0
+        for path in self.shard_paths(kind):
+            with h5py.File(path, "r") as f:
+                total += f["tokens"].size * 2 + f["embeds"].size * 4
+        return total
 
     def bad_images(self) -> list[int]:
         return [b["id"] for b in self.manifest().get("bad_images", [])]

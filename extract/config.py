@@ -1,12 +1,9 @@
 """The extraction config: one frozen dataclass, built once from the CLI and written into every shard."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
-
-def opt(default, help: str, **extra):
-    """A config field with its command-line help (pipeline.py turns every field into an option)."""
-    return field(default=default, metadata={"help": help, **extra})
+from data.options import opt
 
 
 @dataclass(frozen=True)
