@@ -108,7 +108,7 @@ class Trainer:
         with autocast(self.device):
             losses = self.model(image_blocks, text_blocks, image_ids.to(self.device))
         if not torch.isfinite(losses["loss"]):
-            raise PipelineError(f"non-finite loss ({ {k: float(v) for k, v in losses.items()} }); stopped. "
+            raise PipelineError(f"non-finite loss ({ {k: float(v.detach()) for k, v in losses.items()} }); stopped. "
                                 f"The last good checkpoint is kept; try a lower --lr")
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()

@@ -54,3 +54,34 @@ def tiny_data(tmp_path) -> Path:
     root = tmp_path / "datasets"
     write_karpathy(root, "toy", {"train": 10, "val": 6, "test": 8})
     return root
+
+
+def run_cli(*args, expect=0):
+    """Invoke the `pipeline` CLI in-process; assert the exit code; return the result."""
+    from click.testing import CliRunner
+
+    from pipeline import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == expect, result.output
+    return result
+
+
+# Small enough to train in seconds on 2 cores, big enough for the fusion to learn something.
+TINY_FUSE = ("--width", 64, "--embed-dim", 64, "--queue-size", 512, "--lr", 1e-3, "--dropout", 0.1,
+             "--batch-size", 64)
+
+
+@pytest.fixture(scope="session")
+def demo_cache(tmp_path_factory) -> tuple[Path, Path]:
+    """(data root, cache) of a small demo dataset extracted with both tiny backbones (train with 1 view)."""
+    from data.demo import generate_demo
+
+    base = tmp_path_factory.mktemp("demo")
+    generate_demo(base / "datasets", n_train=240, n_val=60, n_test=60, image_size=64)
+    for backbone in ("blip-tiny", "clip-tiny"):
+        for split in ("train", "val", "test"):
+            extra = ("--views", 1) if split == "train" else ()
+            run_cli("extract", "--backbone", backbone, "--dataset", "demo", "--split", split, "--data-root",
+                    base / "datasets", "--cache", base / "cache", "--workers", 0, "--batch-size", 64, *extra)
+    return base / "datasets", base / "cache"
