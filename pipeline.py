@@ -28,6 +28,9 @@ def config_options(config_cls, exclude: tuple[str, ...] = ()):
             if base is bool:
                 fn = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=f.default, **kwargs)(fn)
                 continue
+            if meta.get("multiple"):
+                fn = click.option(flag, f.name, multiple=True, help=meta.get("help"))(fn)
+                continue
             ptype = click.Choice(meta["choices"]) if "choices" in meta else base
             fn = click.option(flag, f.name, type=ptype, default=f.default, required=meta.get("required", False),
                               **kwargs)(fn)
@@ -101,6 +104,60 @@ def fuse(**options) -> None:
     summary = run_stage(run_fuse, FuseConfig(**options))
     click.echo(f"{summary['run']}: {summary['epochs']} epochs, best validation rsum {summary['best_rsum']:.2f}; "
                f"fused embeddings for {', '.join(summary['encoded']) or 'no split'}")
+
+
+from evaluate.config import ScoreConfig  # noqa: E402
+
+
+@cli.command()
+@config_options(ScoreConfig)
+def score(**options) -> None:
+    """Recall from cached embeddings: each backbone alone, late fusion, and the fused model (hada)."""
+    cfg = ScoreConfig(**options)
+    result = run_stage(_score, cfg)
+    from evaluate.plot import plot_recall_curves
+    from evaluate.table import format_table, write_scores
+
+    click.echo(format_table(result["rows"]))
+    for key, note in result["notes"].items():
+        click.echo(f"{key}: {note}")
+    extra = {"notes": result["notes"], "config": cfg.to_dict()}
+    if cfg.json:
+        path = write_scores(cfg.json, result["dataset"], result["split"], result["run"], result["rows"], extra)
+        click.echo(f"scores: {path} and {path.with_suffix('.md')}")
+    if cfg.plot:
+        plot_recall_curves(result["curves"], cfg.plot, title=f"{cfg.dataset} {cfg.split}")
+        click.echo(f"recall@K plot: {cfg.plot}")
+
+
+def _score(cfg: ScoreConfig) -> dict:
+    """Wire the stages: the fused model's embeddings come from fuse/, the scoring from evaluate/."""
+    from pathlib import Path
+
+    from data.datasets import load_split, resolve
+    from data.index import SplitIndex, index_path
+    from evaluate.score import backbone_names, latest_run, run_backbones, run_score, score_external
+
+    if cfg.sims:
+        path = index_path(cfg.cache, cfg.dataset, cfg.split)
+        index = SplitIndex.load(path) if path.is_file() else load_split(resolve(cfg.dataset, cfg.data_root), cfg.split)
+        return score_external(cfg, index)
+    run = cfg.run or latest_run(cfg.runs, cfg.dataset)
+    names = run_backbones(cfg.runs, run) if run else backbone_names(cfg.cache, cfg.dataset, cfg.split)
+    if not names:
+        raise PipelineError(f"nothing to score: no backbone store in {Path(cfg.cache) / cfg.dataset / cfg.split}")
+    fused = {}
+    if run:
+        from fuse.run import encode_run
+
+        logging.getLogger("pipeline.score").info("scoring run %s (backbones %s)", run, ", ".join(names))
+        for split in dict.fromkeys([cfg.split, "val"] + (["train"] if cfg.rerank else [])):
+            try:
+                fused[split] = encode_run(Path(cfg.runs) / run, split, cfg.cache, cfg.device)
+            except PipelineError:
+                if split == cfg.split:
+                    raise
+    return run_score(cfg, names, run, fused)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,25 @@
+"""The scoring config: one frozen dataclass; every field is a `pipeline score` option, written into the JSON."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from data.options import opt
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    dataset: str = opt(None, "dataset name", required=True)
+    split: str = opt("test", "split to score", choices=("train", "val", "test", "all"))
+    data_root: str = opt("datasets", "dataset folder (not read: scoring uses the cache only)")
+    cache: str = opt("cache", "feature cache folder")
+    runs: str = opt("runs", "folder of fusion runs")
+    run: str | None = opt(None, "run to score (default: the newest run of this dataset, if any)")
+    json: str | None = opt(None, "write the table as JSON here (and as markdown beside it)")
+    plot: str | None = opt(None, "draw recall@K, K=1..50, both directions, to this PNG")
+    sims: tuple[str, ...] = opt((), "score external images x captions similarity matrices (.npy or .pt), "
+                                     "repeatable; their late fusion too when several", multiple=True)
+    rerank: bool = opt(False, "add rows re-ranked by Nearest Neighbor Normalization (train-split embeddings as bank)")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N (encoding the fused model when its embeddings are missing)")
+
+    def to_dict(self) -> dict:
+        return asdict(self)

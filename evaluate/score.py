@@ -1,0 +1,225 @@
+"""Stage three: recall of every backbone alone, their late fusion and the fused model, from cached embeddings."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data.atomic import read_json
+from data.errors import PipelineError
+from data.index import SplitIndex, index_path
+from data.store import FeatureStore
+from evaluate.config import ScoreConfig
+from evaluate.coverage import Coverage
+from evaluate.late_fusion import late_fusion_ranks, tune_weights
+from evaluate.recall import recall_curve, recalls_from_ranks, retrieval_ranks
+from evaluate.rerank import ALPHA, nnn_similarities, tune_alpha
+
+log = logging.getLogger("pipeline.score")
+
+
+@dataclass
+class Embeddings:
+    """One method's retrieval embeddings of a split: present image ids, image rows, caption rows."""
+
+    name: str
+    image_ids: np.ndarray
+    images: torch.Tensor
+    texts: torch.Tensor
+    random_init: bool = False
+
+    def restrict(self, ids: np.ndarray) -> torch.Tensor:
+        """Image rows for ``ids`` (all present here), in that order."""
+        return self.images[torch.from_numpy(np.searchsorted(self.image_ids, ids))]
+
+
+def read_embeddings(store: FeatureStore, name: str, index: SplitIndex) -> Embeddings:
+    """Clean-view embeddings of a store, refusing one made from another version of the split index."""
+    manifest = store.manifest()
+    version = manifest["fingerprint"].get("index_version")
+    if version != index.version:
+        raise PipelineError(f"{store.root} was made from split index version {version}, but the cache's "
+                            f"{index.dataset}/{index.split} index is version {index.version}: re-extract or re-encode it")
+    images, texts = store.load("images", tokens=False), store.load("texts", tokens=False)
+    clean = images.view == 0 if images.view is not None else np.ones(len(images), bool)
+    if len(texts) != len(index.captions):
+        raise PipelineError(f"{store.root} holds {len(texts)} captions, the split index {len(index.captions)}")
+    random_init = str(manifest["fingerprint"].get("checkpoint", "")).startswith("random-init") or \
+        manifest["fingerprint"].get("random_init", False)
+    return Embeddings(name, images.ids[clean], torch.from_numpy(images.embeds[clean]), torch.from_numpy(texts.embeds),
+                      bool(random_init))
+
+
+def backbone_names(cache: str, dataset: str, split: str) -> list[str]:
+    root = Path(cache) / dataset / split
+    return sorted(p.parent.name for p in root.glob("*/manifest.json"))
+
+
+def latest_run(runs: str, dataset: str) -> str | None:
+    """The newest run (by its best checkpoint) trained on ``dataset``."""
+    found = []
+    for config in Path(runs).glob("*/config.json"):
+        if read_json(config)["config"]["dataset"] == dataset and (config.parent / "best.pt").is_file():
+            found.append(((config.parent / "best.pt").stat().st_mtime, config.parent.name))
+    return max(found)[1] if found else None
+
+
+def run_backbones(runs: str, run: str) -> list[str]:
+    path = Path(runs) / run / "config.json"
+    if not path.is_file():
+        raise PipelineError(f"no run {run!r} in {runs} (no {path})")
+    return read_json(path)["backbones"]
+
+
+@dataclass
+class SplitEmbeddings:
+    index: SplitIndex
+    methods: list[Embeddings]
+
+    def coverage(self, ids: np.ndarray) -> Coverage:
+        return Coverage(ids, self.index.text_to_image, len(self.index.images))
+
+    def common_ids(self, methods: list[Embeddings] | None = None) -> np.ndarray:
+        methods = methods or self.methods
+        ids = methods[0].image_ids
+        for e in methods[1:]:
+            ids = np.intersect1d(ids, e.image_ids)
+        return ids
+
+
+def load_split(cfg: ScoreConfig, split: str, names: list[str], fused_root: Path | None) -> SplitEmbeddings | None:
+    """Every backbone's (and the fused model's) embeddings of a split; None if it is not cached for all."""
+    path = index_path(cfg.cache, cfg.dataset, split)
+    if not path.is_file():
+        return None
+    index = SplitIndex.load(path)
+    methods = []
+    for name in names:
+        store = FeatureStore.at(cfg.cache, cfg.dataset, split, name)
+        if not store.exists():
+            return None
+        methods.append(read_embeddings(store, name, index))
+    if fused_root is not None:
+        if not (Path(fused_root) / "manifest.json").is_file():
+            return None
+        methods.append(read_embeddings(FeatureStore(fused_root), "hada", index))
+    return SplitEmbeddings(index, methods)
+
+
+class Scorer:
+    """Rows of the table and recall curves; ranks mapped to index order (absent images are misses)."""
+
+    def __init__(self, split: SplitEmbeddings):
+        self.split = split
+        self.rows, self.curves, self.notes = [], {}, {}
+
+    def add(self, method: str, i2t: np.ndarray, t2i: np.ndarray) -> None:
+        self.rows.append({"method": method, **recalls_from_ranks(i2t, t2i)})
+        self.curves[method] = {"i2t": recall_curve(i2t).tolist(), "t2i": recall_curve(t2i).tolist()}
+
+    def plain(self, emb: Embeddings) -> None:
+        cov = self.split.coverage(emb.image_ids)
+        self.add(emb.name, *cov.expand(*retrieval_ranks(emb.images @ emb.texts.T, cov.local_t2i)))
+
+    def late_fusion(self, backbones: list[Embeddings], weights, method: str = "late-fusion") -> None:
+        ids = self.split.common_ids(backbones)
+        cov = self.split.coverage(ids)
+        sims = [e.restrict(ids) @ e.texts.T for e in backbones]
+        self.add(method, *cov.expand(*late_fusion_ranks(sims, weights, cov.local_t2i)))
+
+    def rerank(self, emb: Embeddings, bank: Embeddings, alpha: float) -> None:
+        cov = self.split.coverage(emb.image_ids)
+        for_i2t, for_t2i = nnn_similarities(emb.images, emb.texts, bank.images, bank.texts, alpha=alpha)
+        i2t, _ = retrieval_ranks(for_i2t, cov.local_t2i, which="i2t")
+        _, t2i = retrieval_ranks(for_t2i, cov.local_t2i, which="t2i")
+        self.add(f"{emb.name}+rerank", *cov.expand(i2t, t2i))
+
+
+def tuned_late_fusion_weights(val: SplitEmbeddings, names: list[str]) -> tuple[float, ...]:
+    """Late-fusion weights with the best val rsum (grid step 0.1 on the simplex)."""
+    backbones = [e for e in val.methods if e.name in names]
+    ids = val.common_ids(backbones)
+    return tune_weights([e.restrict(ids) @ e.texts.T for e in backbones], val.coverage(ids).local_t2i)
+
+
+def tuned_alpha(val: SplitEmbeddings | None, emb_name: str, bank: Embeddings) -> float:
+    if val is None:
+        return ALPHA
+    emb = next(e for e in val.methods if e.name == emb_name)
+    return tune_alpha(emb.images, emb.texts, val.coverage(emb.image_ids).local_t2i, bank.images, bank.texts)
+
+
+def run_score(cfg: ScoreConfig, names: list[str], run: str | None, fused: dict[str, Path]) -> dict:
+    """The score table for ``cfg.split``: backbones alone, late fusion (tuned on val), hada, optional NNN rows."""
+    test = load_split(cfg, cfg.split, names, fused.get(cfg.split))
+    if test is None:
+        raise PipelineError(f"{cfg.dataset}/{cfg.split} is not cached for every backbone of {', '.join(names)}: "
+                            f"run `pipeline extract` for it first")
+    scorer = Scorer(test)
+    backbones = [e for e in test.methods if e.name in names]
+    for emb in backbones:
+        scorer.plain(emb)
+    val = load_split(cfg, "val", names, fused.get("val")) if cfg.split != "val" else test
+    if len(backbones) > 1:
+        if val is None:
+            scorer.notes["late-fusion"] = "skipped: the val split is not cached for every backbone"
+        else:
+            weights = tuned_late_fusion_weights(val, names)
+            scorer.notes["late_fusion_weights"] = dict(zip(names, weights))
+            log.info("late-fusion weights tuned on val: %s", ", ".join(f"{n} {w:.1f}" for n, w in zip(names, weights)))
+            scorer.late_fusion(backbones, weights)
+    hada = [e for e in test.methods if e.name == "hada"]
+    if hada:
+        scorer.plain(hada[0])
+    if cfg.rerank:
+        train = load_split(cfg, "train", names, fused.get("train"))
+        if train is None:
+            raise PipelineError("--rerank needs the train split cached for every method (its embeddings are the bank)")
+        for emb, bank in zip(test.methods, train.methods):
+            alpha = tuned_alpha(val, emb.name, bank)
+            scorer.notes.setdefault("rerank_alpha", {})[emb.name] = alpha
+            scorer.rerank(emb, bank, alpha)
+    if any(e.random_init for e in test.methods):
+        scorer.notes["random_init"] = ("backbones with random-initialised weights: these figures show the pipeline "
+                                       "working, not the backbones' real retrieval quality")
+    return {"dataset": cfg.dataset, "split": cfg.split, "run": run or "", "rows": scorer.rows,
+            "curves": scorer.curves, "notes": scorer.notes}
+
+
+def load_matrix(path: str, shape: tuple[int, int]) -> torch.Tensor:
+    """An images x captions matrix from .npy (allow_pickle=False) or .pt (weights_only=True), shape checked."""
+    p = Path(path)
+    if not p.is_file():
+        raise PipelineError(f"--sims {path}: no such file")
+    try:
+        if p.suffix == ".npy":
+            sims = torch.from_numpy(np.load(p, allow_pickle=False))
+        elif p.suffix in (".pt", ".pth"):
+            sims = torch.load(p, map_location="cpu", weights_only=True)
+        else:
+            raise PipelineError(f"--sims {path}: use a .npy or .pt file")
+    except (ValueError, OSError, RuntimeError) as e:
+        raise PipelineError(f"--sims {path}: cannot be read safely ({e})") from None
+    if not torch.is_tensor(sims) or tuple(sims.shape) != shape:
+        got = tuple(sims.shape) if torch.is_tensor(sims) else type(sims).__name__
+        raise PipelineError(f"--sims {path}: shape {got}, expected {shape} (images, captions) in split-index order")
+    return sims.float()
+
+
+def score_external(cfg: ScoreConfig, index: SplitIndex) -> dict:
+    """Rows for similarity matrices computed elsewhere, and their late fusion (equal weights: no val matrices)."""
+    shape = (len(index.images), len(index.captions))
+    sims = [load_matrix(p, shape) for p in cfg.sims]
+    scorer = Scorer(SplitEmbeddings(index, []))
+    t2i = index.text_to_image
+    for path, s in zip(cfg.sims, sims):
+        scorer.add(Path(path).stem, *retrieval_ranks(s, t2i))
+    if len(sims) > 1:
+        weights = [1 / len(sims)] * len(sims)
+        scorer.add("late-fusion", *late_fusion_ranks(sims, weights, t2i))
+        scorer.notes["late_fusion_weights"] = "equal (no val matrices to tune on)"
+    return {"dataset": cfg.dataset, "split": cfg.split, "run": "", "rows": scorer.rows, "curves": scorer.curves,
+            "notes": scorer.notes}
