@@ -1,0 +1,22 @@
+"""The README's CLI reference lists exactly the options `--help` shows."""
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline import cli
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def reference_section() -> str:
+    return README.split("## CLI reference", 1)[1].split("\n## ", 1)[0]
+
+
+@pytest.mark.parametrize("command", ["extract", "fuse", "score", "demo"])
+def test_cli_reference_matches_help(command):
+    params = cli.commands[command].params
+    flags = {next(o for o in p.opts if o.startswith("--")) for p in params if p.opts and p.name != "help"}
+    paragraph = next(p for p in reference_section().split("\n\n") if p.startswith(f"`pipeline {command}`"))
+    listed = set(re.findall(r"`(--[a-z0-9-]+)`", paragraph))
+    assert listed == flags, (sorted(flags - listed), sorted(listed - flags))
