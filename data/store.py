@@ -41,23 +41,6 @@ class ShardData:
         """The backbone's unnormalised projection (what HADA's output layer takes)."""
         return self.embeds * self.norms[:, None]
 
-    @classmethod
-    def concat(cls, parts: list["ShardData"]) -> "ShardData":
-        if not parts:
-            raise ValueError("no shards to concatenate")
-        tok = [p.tokens for p in parts]
-        starts = np.cumsum([0] + [p.offsets[-1] for p in parts[:-1]])
-        offsets = np.concatenate([[0]] + [p.offsets[1:] + s for p, s in zip(parts, starts)])
-        views = [p.view for p in parts]
-        return cls(
-            ids=np.concatenate([p.ids for p in parts]),
-            embeds=np.concatenate([p.embeds for p in parts]),
-            norms=np.concatenate([p.norms for p in parts]),
-            offsets=offsets.astype(np.int64),
-            tokens=None if any(t is None for t in tok) else np.concatenate(tok),
-            view=None if any(v is None for v in views) else np.concatenate(views),
-        )
-
 
 def shard_name(kind: str, number: int) -> str:
     return f"{kind}-{number:05d}.h5"
@@ -107,18 +90,6 @@ def shard_is_complete(path: Path, fingerprint: dict) -> bool:
             return all(f.attrs.get(k) == _attr(v) for k, v in fingerprint.items())
     except OSError:
         return False
-
-
-def read_shard(path: Path, tokens: bool = True) -> ShardData:
-    try:
-        with h5py.File(path, "r") as f:
-            if not f.attrs.get("complete", False):
-                raise PipelineError(f"shard {path} is incomplete: rerun `pipeline extract` to redo it")
-            return ShardData(
-                ids=f["ids"][:], embeds=f["embeds"][:], norms=f["norms"][:], offsets=f["offsets"][:],
-                tokens=f["tokens"][:] if tokens else None, view=f["view"][:] if "view" in f else None)
-    except OSError as e:
-        raise PipelineError(f"shard {path} cannot be read ({e}): remove it and rerun `pipeline extract`") from None
 
 
 def read_shard_attrs(path: Path) -> dict:

@@ -177,3 +177,20 @@ def test_real_preset_fails_fast_offline(tiny_data, tmp_path, backbone, names):
     assert names in proc.stderr and "--checkpoint" in proc.stderr and "Traceback" not in proc.stderr
     assert time.perf_counter() - t0 < 60  # seconds of imports, no network retries
     assert not (tmp_path / "c" / "toy" / "test" / backbone).exists()
+
+
+def test_threads_and_distributed_schedulers_write_the_same_features(tiny_data, tmp_path):
+    from distributed import Client, LocalCluster
+
+    extract(tiny_data, tmp_path / "sync", "--backbone", "clip-tiny", "--shard-size", 3)
+    extract(tiny_data, tmp_path / "threads", "--backbone", "clip-tiny", "--shard-size", 3, "--scheduler", "threads")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
+        extract(tiny_data, tmp_path / "dist", "--backbone", "clip-tiny", "--shard-size", 3,
+                "--scheduler", "distributed", "--address", cluster.scheduler_address)
+    ref_img, ref_txt = load(tmp_path / "sync", "clip-tiny")
+    for name in ("threads", "dist"):
+        img, txt = load(tmp_path / name, "clip-tiny")
+        np.testing.assert_array_equal(ref_img.embeds, img.embeds)
+        np.testing.assert_array_equal(ref_txt.tokens, txt.tokens)
+    out = extract(tiny_data, tmp_path / "x", "--backbone", "clip-tiny", "--scheduler", "distributed", expect=2).output
+    assert "--address" in out
