@@ -15,7 +15,7 @@ from data.store import FeatureStore
 from evaluate.config import ScoreConfig
 from evaluate.coverage import Coverage
 from evaluate.late_fusion import late_fusion_ranks, tune_weights
-from evaluate.recall import recall_curve, recalls_from_ranks, retrieval_ranks
+from evaluate.recall import recall_curve, recalls_from_ranks, retrieval_ranks, retrieval_ranks_from_embeddings
 from evaluate.rerank import ALPHA, nnn_similarities, tune_alpha
 
 log = logging.getLogger("pipeline.score")
@@ -121,8 +121,9 @@ class Scorer:
         self.curves[method] = {"i2t": recall_curve(i2t).tolist(), "t2i": recall_curve(t2i).tolist()}
 
     def plain(self, emb: Embeddings) -> None:
+        """Block by block from the embeddings: memory stays bounded whatever the split's size."""
         cov = self.split.coverage(emb.image_ids)
-        self.add(emb.name, *cov.expand(*retrieval_ranks(emb.images @ emb.texts.T, cov.local_t2i)))
+        self.add(emb.name, *cov.expand(*retrieval_ranks_from_embeddings(emb.images, emb.texts, cov.local_t2i)))
 
     def late_fusion(self, backbones: list[Embeddings], weights, method: str = "late-fusion") -> None:
         ids = self.split.common_ids(backbones)

@@ -194,3 +194,18 @@ def test_threads_and_distributed_schedulers_write_the_same_features(tiny_data, t
         np.testing.assert_array_equal(ref_txt.tokens, txt.tokens)
     out = extract(tiny_data, tmp_path / "x", "--backbone", "clip-tiny", "--scheduler", "distributed", expect=2).output
     assert "--address" in out
+
+
+@pytest.mark.parametrize("backbone,limit", [("blip-tiny", 40), ("clip-tiny", 24)])
+def test_long_captions_are_truncated_and_counted(tiny_data, tmp_path, backbone, limit):
+    import json
+
+    long = " ".join(["red circle"] * limit)  # 2 * limit words: past either encoder's limit
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps([{"image": "img_0000.jpg", "caption": ["a red circle", long]},
+                               {"image": "img_0001.jpg", "caption": [long, "blue"]}]))
+    out = extract(tiny_data, tmp_path / "c", "--backbone", backbone, "--annotations", ann,
+                  "--images", tiny_data / "toy" / "images").output
+    assert "2 captions truncated" in out
+    _, texts = load(tmp_path / "c", backbone)
+    assert np.diff(texts.offsets).max() <= limit
