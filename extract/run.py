@@ -77,10 +77,7 @@ def estimate_bytes(backbone, cfg: ExtractConfig, index) -> dict:
     pooled = -(-grid // cfg.token_pool) if grid else 0
     image_rows = 1 + pooled * pooled
     per_image = image_rows * d["image_token_dim"] * 2 + d["embed_dim"] * 4 + 4 + 16
-    sample = list(index.captions[: min(len(index.captions), 512)])
-    text_rows = 1.0
-    if d["text_token_dim"] and backbone.describe().get("backbone", "").startswith("blip"):
-        text_rows = float(backbone.tokenize(sample).inputs["attention_mask"].sum(1).float().mean())
+    text_rows = float(backbone.tokenize(list(index.captions[:512])).node_rows.float().mean())
     per_text = text_rows * d["text_token_dim"] * 2 + d["embed_dim"] * 4 + 4 + 16
     n_img = len(index.images) * (1 + cfg.views)
     return {"bytes_per_image": int(per_image), "bytes_per_caption": int(per_text),

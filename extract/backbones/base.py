@@ -35,6 +35,7 @@ class Encoded:
 class Tokenized:
     inputs: dict[str, torch.Tensor]
     truncated: int  # captions cut to the encoder's length limit
+    node_rows: torch.Tensor  # graph nodes each caption will have (its token rows stored)
 
 
 class Backbone(abc.ABC):

@@ -60,7 +60,7 @@ class Blip(Backbone):
         for row, x in enumerate(ids):
             input_ids[row, : len(x)] = torch.tensor(x)
             mask[row, : len(x)] = 1
-        return Tokenized({"input_ids": input_ids, "attention_mask": mask}, truncated)
+        return Tokenized({"input_ids": input_ids, "attention_mask": mask}, truncated, mask.sum(1))
 
     def encode_images(self, pixels: torch.Tensor) -> Encoded:
         # last_hidden_state (after the final ViT norm), CLS first; not pooler_output, which norms twice.

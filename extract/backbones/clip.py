@@ -45,7 +45,7 @@ class Clip(Backbone):
         # open_clip truncates silently to context_length (incl. start and end tokens): count it here.
         truncated = sum(len(self.tokenizer.encode(c)) + 2 > self.context_length for c in captions) \
             if hasattr(self.tokenizer, "encode") else 0
-        return Tokenized({"text": self.tokenizer(captions)}, truncated)
+        return Tokenized({"text": self.tokenizer(captions)}, truncated, torch.ones(len(captions), dtype=torch.long))
 
     def encode_images(self, pixels: torch.Tensor) -> Encoded:
         if not self.tokens:
