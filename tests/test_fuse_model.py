@@ -286,3 +286,23 @@ def test_training_lowers_loss():
         losses.append(out["loss"].item())
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.7 * first, (first, last)
+
+
+@pytest.mark.parametrize("backbone", [0, 1])
+def test_every_backbones_token_nodes_reach_the_output(backbone):
+    """The reference fed the first backbone's features twice; here each backbone's own tokens matter."""
+    torch.manual_seed(0)
+    enc = GraphEncoder(TOK, EMB, dataclasses.replace(CFG, dropout=0.0)).eval()
+    batch = blocks(3, tokens=(4, 4))
+    before = enc(batch)
+    first = torch.cat([torch.zeros(1, dtype=torch.long), batch[backbone].counts.cumsum(0)[:-1]])
+    token_rows = torch.ones(len(batch[backbone].tokens), dtype=torch.bool)
+    token_rows[first] = False  # leave every global node as it is; change only token nodes
+    changed = [dataclasses.replace(b) for b in batch]
+    changed[backbone] = dataclasses.replace(batch[backbone], tokens=batch[backbone].tokens.clone())
+    changed[backbone].tokens[token_rows] += 1.0
+    after = enc(changed)
+    has_tokens = batch[backbone].counts > 1
+    assert has_tokens.any()
+    assert not torch.allclose(before[has_tokens], after[has_tokens])
+    torch.testing.assert_close(before[~has_tokens], after[~has_tokens])
