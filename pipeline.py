@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import sys
 import types
@@ -12,16 +11,17 @@ from pathlib import Path
 import click
 
 from data.errors import PipelineError
+from evaluate.config import ScoreConfig
+from extract.config import ExtractConfig
+from fuse.config import FuseConfig
 
 
-def config_options(config_cls, exclude: tuple[str, ...] = ()):
+def config_options(config_cls):
     """Turn every field of a stage's config dataclass into a click option (help from the field's metadata)."""
     hints = typing.get_type_hints(config_cls)
 
     def decorate(fn):
         for f in reversed(dataclasses.fields(config_cls)):
-            if f.name in exclude:
-                continue
             meta, flag = f.metadata, "--" + f.name.replace("_", "-")
             hint = hints[f.name]
             base = [a for a in typing.get_args(hint) if a is not type(None)][0] if isinstance(hint, types.UnionType) else hint
@@ -70,9 +70,6 @@ def backbones() -> None:
         click.echo(f"{name:12s} {summary}")
 
 
-from extract.config import ExtractConfig  # noqa: E402  (light: no torch import)
-
-
 @cli.command()
 @config_options(ExtractConfig)
 def extract(**options) -> None:
@@ -93,9 +90,6 @@ def extract(**options) -> None:
                f"{summary['truncated_captions']} captions truncated")
 
 
-from fuse.config import FuseConfig  # noqa: E402
-
-
 @cli.command()
 @config_options(FuseConfig)
 def fuse(**options) -> None:
@@ -105,9 +99,6 @@ def fuse(**options) -> None:
     summary = run_stage(run_fuse, FuseConfig(**options))
     click.echo(f"{summary['run']}: {summary['epochs']} epochs, best validation rsum {summary['best_rsum']:.2f}; "
                f"fused embeddings for {', '.join(summary['encoded']) or 'no split'}")
-
-
-from evaluate.config import ScoreConfig  # noqa: E402
 
 
 @cli.command()
@@ -133,8 +124,6 @@ def score(**options) -> None:
 
 def _score(cfg: ScoreConfig) -> dict:
     """Wire the stages: the fused model's embeddings come from fuse/, the scoring from evaluate/."""
-    from pathlib import Path
-
     from data.datasets import load_split, resolve
     from data.index import SplitIndex, index_path
     from evaluate.score import backbone_names, latest_run, run_backbones, run_score, score_external
