@@ -46,7 +46,7 @@ def _fused_ranks(z_rows: Sequence[torch.Tensor], z_cols: Sequence[torch.Tensor],
 
 
 def late_fusion_ranks(sims_list: Sequence[Any], weights: Sequence[float], text_to_image: Any):
-    """(i2t ranks, t2i ranks) of the fused scores: i2t from the row-standardised weighted sum, t2i from the column one."""
+    """(i2t ranks, t2i ranks) of the fused scores: i2t from the row-standardised sum, t2i from the column one."""
     if len(sims_list) != len(weights) or not sims_list:
         raise ValueError(f"{len(sims_list)} matrices for {len(weights)} weights")
     return _fused_ranks(*_standardised(sims_list), weights, text_to_image)

@@ -1,9 +1,10 @@
-"""Recall@K for image-text retrieval: exact, tie-aware ranks counted tile by tile from a similarity matrix or from embeddings."""
+"""Recall@K for image-text retrieval: exact, tie-aware ranks counted tile by tile, from scores or embeddings."""
 from __future__ import annotations
 
 import contextlib
 import math
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -27,7 +28,7 @@ def _tensor(x: Any) -> torch.Tensor:
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype scores are compared in: float16/bfloat16 widen exactly to float32; float64 is kept (narrowing would create ties)."""
+    """The dtype scores are compared in: float16/bfloat16 widen exactly to float32; float64 stays (narrowing ties)."""
     if dtype in (torch.float32, torch.float64):
         return dtype
     return torch.float32 if dtype.is_floating_point else torch.float64
@@ -63,6 +64,17 @@ def _exact_denormals() -> Iterator[None]:
             torch.set_flush_denormal(True)
 
 
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """Torch intra-op threads off while our own workers run (process-wide, restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 class _Counter:
     """Counts, per query, the candidates ranked ahead of its positive (score descending, then index ascending).
 
@@ -71,6 +83,10 @@ class _Counter:
     with a lower index. Per tile that is one comparison per element and direction: `s >= pos` where every
     candidate of the tile has a lower index than the positive, `s >= next float above pos` where every one has
     a higher index, and an explicit mask only for the few queries whose positive lies inside the tile.
+
+    On CPU the tiles' row bands are shared among torch.get_num_threads() Python threads, each running torch
+    single-threaded: a tile's ops are too small for intra-op threads, whose barriers stall whenever another
+    process holds a core (10x slower on a busy 2-core machine). Use it as a context manager (the thread pool).
     """
 
     def __init__(self, pos: torch.Tensor, t2i: torch.Tensor, n_images: int, which: str) -> None:
@@ -88,39 +104,76 @@ class _Counter:
         self.has_caption = torch.bincount(t2i, minlength=n_images) > 0
         self.best, self.best_col, self.best_above = best, col, _above(best)
         self.do_i2t, self.do_t2i = which in ("both", "i2t"), which in ("both", "t2i")
+        self.workers = torch.get_num_threads() if dev.type == "cpu" else 1
+        # i2t counts: row bands are disjoint between workers; t2i counts: one array per worker, summed at the end.
         self.n_i2t = torch.zeros(n_images, dtype=torch.int32, device=dev) if self.do_i2t else None
-        self.n_t2i = torch.zeros(n_texts, dtype=torch.int32, device=dev) if self.do_t2i else None
+        self.n_t2i = [torch.zeros(n_texts, dtype=torch.int32, device=dev) if self.do_t2i else None
+                      for _ in range(self.workers)]
+        self._bufs: list[torch.Tensor | None] = [None] * self.workers
+        self._pool = ThreadPoolExecutor(self.workers) if self.workers > 1 else None
+
+    def __enter__(self) -> "_Counter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
 
     def add(self, block: torch.Tensor, r0: int, c0: int, tile: Sequence[int], dtype: torch.dtype) -> None:
         """Count the scores of block = sims[r0:r0+h, c0:c0+w], tile by tile."""
-        th, tw = tile
-        for a in range(0, block.shape[0], th):
-            for b in range(0, block.shape[1], tw):
-                x = block[a:a + th, b:b + tw].to(dtype)
-                if not torch.isfinite(x.sum()) and torch.isnan(x).any():  # the cheap sum rules NaN out nearly always
-                    raise ValueError("similarity scores contain NaN")
-                self._tile(x, r0 + a, c0 + b)
+        th, tw = (min(n, 1 << 24) for n in tile)  # float32 sums of 0/1 stay exact up to 2**24
+        bands = list(range(0, block.shape[0], th))
 
-    def _tile(self, x: torch.Tensor, r0: int, c0: int) -> None:
-        r1, c1 = r0 + x.shape[0], c0 + x.shape[1]
-        if self.do_i2t:
-            col, v = self.best_col[r0:r1], self.best[r0:r1]
-            n = (x >= torch.where(col >= c1, v, self.best_above[r0:r1])[:, None]).sum(1, dtype=torch.int32)
-            mixed = ((col >= c0) & (col < c1)).nonzero().squeeze(1)
-            if mixed.numel():  # rows whose best caption is in this tile: add the equal scores left of it
-                self._same(x[mixed, col[mixed] - c0], v[mixed])
-                lower = torch.arange(c0, c1, device=x.device) < col[mixed, None]
-                n[mixed] += ((x[mixed] == v[mixed, None]) & lower).sum(1, dtype=torch.int32)
-            self.n_i2t[r0:r1] += n
-        if self.do_t2i:
-            row, s = self.t2i[c0:c1], self.pos[c0:c1]
-            n = (x >= torch.where(row >= r1, s, self.pos_above[c0:c1])).sum(0, dtype=torch.int32)
-            mixed = ((row >= r0) & (row < r1)).nonzero().squeeze(1)
-            if mixed.numel():  # captions whose image is in this tile: add the equal scores above it
-                self._same(x[row[mixed] - r0, mixed], s[mixed])
-                lower = torch.arange(r0, r1, device=x.device)[:, None] < row[mixed]
-                n[mixed] += ((x[:, mixed] == s[mixed]) & lower).sum(0, dtype=torch.int32)
-            self.n_t2i[c0:c1] += n
+        def run(w: int) -> None:
+            with _exact_denormals():  # per thread: the FPU mode is thread-local
+                for a in bands[w::self.workers]:
+                    for b in range(0, block.shape[1], tw):
+                        x = block[a:a + th, b:b + tw].to(dtype)
+                        if not torch.isfinite(x.sum()) and torch.isnan(x).any():  # the sum rules NaN out cheaply
+                            raise ValueError("similarity scores contain NaN")
+                        self._tile(x, r0 + a, c0 + b, w)
+
+        if self._pool is None:
+            run(0)
+        else:
+            with _one_torch_thread():
+                list(self._pool.map(run, range(self.workers)))
+
+    def _tile(self, x: torch.Tensor, r0: int, c0: int, w: int) -> None:
+        if self.do_i2t:  # queries are the tile's rows (images), candidates its columns
+            self._direction(x, r0, c0, self.best_col, self.best, self.best_above, self.n_i2t, w)
+        if self.do_t2i:  # the transposed view: queries are captions, candidates images
+            self._direction(x.T, c0, r0, self.t2i, self.pos, self.pos_above, self.n_t2i[w], w)
+
+    def _direction(self, xq: torch.Tensor, q0: int, k0: int, target: torch.Tensor, score: torch.Tensor,
+                   above: torch.Tensor, counts: torch.Tensor, w: int) -> None:
+        """Add to counts[q0:q1] the candidates k0:k1 of tile xq (queries x candidates) ranked ahead of the positives."""
+        q1, k1 = q0 + xq.shape[0], k0 + xq.shape[1]
+        t, v = target[q0:q1], score[q0:q1]
+        n = self._count(torch.ge, xq, torch.where(t >= k1, v, above[q0:q1]), w)
+        inside = ((t >= k0) & (t < k1)).nonzero().squeeze(1)
+        if inside.numel():  # queries whose positive is in this tile: counted strictly, add equal scores before it
+            lo, hi = int(inside[0]), int(inside[-1]) + 1
+            xs = xq[lo:hi] if hi - lo == inside.numel() else xq[inside]  # a view when contiguous (sorted captions)
+            ts, vs = t[inside], v[inside]
+            self._same(xs.gather(1, (ts - k0)[:, None]).squeeze(1), vs)
+            tied = (self._count(torch.eq, xs, vs, w) > 1).nonzero().squeeze(1)  # rare: ties besides the positive
+            if tied.numel():
+                before = torch.arange(k0, k1, device=xq.device) < ts[tied, None]
+                n[inside[tied]] += ((xs[tied] == vs[tied, None]) & before).sum(1, dtype=torch.int32)
+        counts[q0:q1] += n
+
+    def _count(self, op, xq: torch.Tensor, thr: torch.Tensor, w: int) -> torch.Tensor:
+        """Per query (row of xq), how many op(xq, thr) hold.
+
+        Comparing into a reused float32 buffer laid out like xq and summing it is ~3x faster on CPU than summing
+        a fresh bool tensor (which torch first casts); the sums stay exact (a tile is far below 2**24).
+        """
+        if self._bufs[w] is None or self._bufs[w].numel() < xq.numel():
+            self._bufs[w] = torch.empty(xq.numel(), dtype=torch.float32, device=xq.device)
+        buf = self._bufs[w][:xq.numel()]
+        out = buf.view(xq.T.shape).T if xq.stride(0) < xq.stride(1) else buf.view(xq.shape)
+        return op(xq, thr[:, None], out=out).sum(1).to(torch.int32)
 
     @staticmethod
     def _same(seen: torch.Tensor, expected: torch.Tensor) -> None:
@@ -133,7 +186,7 @@ class _Counter:
         if self.do_i2t:
             i2t = torch.where(self.has_caption, self.n_i2t.long(), -1).cpu().numpy()
         if self.do_t2i:
-            t2i = self.n_t2i.long().cpu().numpy()
+            t2i = sum(n.long() for n in self.n_t2i).cpu().numpy()
         return i2t, t2i
 
 
@@ -145,8 +198,9 @@ def retrieval_ranks(sims: Any, text_to_image: Any, chunk_size: Sequence[int] | i
     text_to_image[j]: image index of caption j. Candidates rank by score descending, then index ascending
     (an equal score with a lower index ranks ahead). An image's i2t rank is that of its best caption; an image
     without captions gets -1 (excluded from i2t recall). chunk_size: (images, captions) per tile, bounding
-    temporary memory to about 6 bytes per tile entry. which: "both", "i2t" or "t2i" (the other is None).
-    Raises ValueError on NaN scores.
+    temporary memory to about 4 bytes per tile entry and CPU thread. which: "both", "i2t" or "t2i" (the other
+    is then None). Raises ValueError on NaN scores. On CPU, torch runs single-threaded for the duration (our
+    own threads share the tiles), which also affects torch calls from other threads meanwhile.
     """
     s = _tensor(sims)
     if s.ndim != 2:
@@ -155,10 +209,10 @@ def retrieval_ranks(sims: Any, text_to_image: Any, chunk_size: Sequence[int] | i
     n_images, n_texts = s.shape
     t2i = _targets(text_to_image, n_images, n_texts, s.device)
     dtype = _compute_dtype(s.dtype)
-    with _exact_denormals():
-        counter = _Counter(s[t2i, torch.arange(n_texts, device=s.device)].to(dtype), t2i, n_images, which)
+    pos = s[t2i, torch.arange(n_texts, device=s.device)].to(dtype)
+    with _exact_denormals(), _Counter(pos, t2i, n_images, which) as counter:
         counter.add(s, 0, 0, tile, dtype)
-    return counter.ranks()
+        return counter.ranks()
 
 
 def _rows(x: Any, a: int, b: int, device: torch.device) -> torch.Tensor:
@@ -204,11 +258,10 @@ def retrieval_ranks_from_embeddings(image_embeds: Any, text_embeds: Any, text_to
         row = t2i[c0:c0 + sim.shape[1]] - r0
         cols = ((row >= 0) & (row < sim.shape[0])).nonzero().squeeze(1)
         pos[c0 + cols] = sim[row[cols], cols]
-    with _exact_denormals():
-        counter = _Counter(pos, t2i, n_images, which)
+    with _exact_denormals(), _Counter(pos, t2i, n_images, which) as counter:
         for r0, c0, sim in blocks(only_positive=False):
             counter.add(sim, r0, c0, tile, torch.float32)
-    return counter.ranks()
+        return counter.ranks()
 
 
 def recall_at_k(ranks: np.ndarray, k: int) -> float:
