@@ -1,20 +1,47 @@
 #!/usr/bin/env bash
-# The GPU benchmarks in one go, for a lent GPU machine (run from the repository root, ~8 minutes).
-#
-# That machine has torch, torchvision, transformers, torch_geometric, h5py and click, no network,
-# and lacks open_clip_torch, dask and distributed. Before sending the tree there, put their wheels in
-# bench/wheels/ (ignored by git):
-#   pip download --no-deps -d bench/wheels open_clip_torch ftfy wcwidth timm dask distributed \
-#       cloudpickle toolz partd locket fsspec zict tblib sortedcontainers msgpack psutil tornado
-# and carry that folder with the command.
-set -euo pipefail
+# Both stage benchmarks on a lent GPU machine in one go (about 5-7 minutes): run from the repository root,
+#   bash bench/gpu.sh
+# That machine has torch, torchvision, transformers, torch_geometric, h5py and click, no network, and
+# lacks open_clip_torch, dask and distributed. Prepare their wheels here first (bench/wheels/ is git-ignored,
+# so carry it: run(command="bash bench/gpu.sh", carry=["bench/wheels"])):
+#   pip download --no-deps -d bench/wheels open_clip_torch==3.3.0 timm==1.0.31 ftfy==6.3.1 wcwidth \
+#       dask==2026.8.0 distributed==2026.8.0 cloudpickle fsspec partd locket toolz importlib_metadata zipp \
+#       msgpack psutil sortedcontainers tblib tornado zict
+# (open_clip also needs huggingface_hub, regex, safetensors, tqdm, torchvision, which transformers/torch bring.
+# If that machine's Python differs from this one's, add --only-binary=:all: --platform manylinux2014_x86_64
+# --python-version X.Y: msgpack ships per-version wheels.) Results go to $OUT when set, else bench/results/.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-if [ -d bench/wheels ]; then
-  pip install --quiet --no-index --find-links bench/wheels open_clip_torch dask distributed
-fi
 export PYTHONPATH=.
+out="${OUT:-bench/results}"
+mkdir -p "$out"
+start=$SECONDS
+
+if [ -d bench/wheels ]; then
+  python -m pip install --quiet --no-index --find-links bench/wheels open_clip_torch dask distributed \
+    || python -m pip install --quiet --no-index --find-links bench/wheels open_clip_torch dask \
+    || echo "WARNING: installing from bench/wheels failed"
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python bench/fuse.py --scale 1 --device cuda --steps 50 --backbone-batch 64 --out bench/results/fuse-gpu.json
-python bench/extract.py --full --device cuda --precision bf16 --images 2048 --batch-size 128 --workers 14 \
-  --out bench/results/extract-gpu.json
-python bench/score.py --repeats 5
+python -c "import os, sys, torch; print('nproc', os.cpu_count(), 'python', sys.version.split()[0], 'torch', torch.__version__, 'loadavg', os.getloadavg())"
+have_clip=1
+python -c "import open_clip, dask" 2>/dev/null || { have_clip=0; echo "WARNING: open_clip or dask missing: no backbone timings, no extraction bench"; }
+
+run() {  # name, timeout, command...: stdout to the terminal, stderr to a log shown only on failure
+  local name=$1 limit=$2; shift 2
+  echo "== $name ($(( SECONDS - start )) s in)"
+  timeout "$limit" "$@" 2>"$out/$name.stderr.log"
+  local rc=$?
+  [ $rc -eq 0 ] || { echo "!! $name exited $rc; last stderr lines:"; tail -n 15 "$out/$name.stderr.log"; }
+}
+
+# Stage two at full Flickr30k scale (~29 GiB of float16 features, placed in GPU memory as training does).
+run fuse 240 python bench/fuse.py --scale 1.0 --device cuda --warmup 3 --steps 30 \
+  --backbone-batch $(( have_clip ? 64 : 0 )) --backbone-reps 3 --out "$out/fuse-gpu.json"
+
+# Stage one with the full-size architectures: 2048 JPEGs (10,240 captions), 12 decoding workers.
+if [ $have_clip -eq 1 ]; then
+  run extract 300 python bench/extract.py --full --device cuda --precision bf16 --images 2048 \
+    --batch-size 128 --workers 12 --repeats 2 --out "$out/extract-gpu.json"
+fi
+echo "== done in $(( SECONDS - start )) s; JSON in $out"
