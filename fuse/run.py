@@ -10,7 +10,7 @@ from fuse import checkpoint
 from fuse.config import FuseConfig
 from fuse.data import load_split_features, open_stores
 from fuse.encode import encode_split, write_fused
-from fuse.train import build_model, pick_device, place, run_dir_for, train
+from fuse.train import build_model, pick_device, place, train
 
 log = logging.getLogger("pipeline.fuse")
 

@@ -48,6 +48,17 @@ def write_karpathy(root: Path, dataset: str, splits: dict[str, int], caps=(5, 7)
     return path
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only contend on a shared 2-core machine (10x slower)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
     """data root with a `toy` dataset: 10 train, 6 val, 8 test images, 5-7 captions each."""

@@ -180,7 +180,7 @@ def test_real_preset_fails_fast_offline(tiny_data, tmp_path, backbone, names):
 
 
 def test_threads_and_distributed_schedulers_write_the_same_features(tiny_data, tmp_path):
-    from distributed import Client, LocalCluster
+    from distributed import LocalCluster
 
     extract(tiny_data, tmp_path / "sync", "--backbone", "clip-tiny", "--shard-size", 3)
     extract(tiny_data, tmp_path / "threads", "--backbone", "clip-tiny", "--shard-size", 3, "--scheduler", "threads")

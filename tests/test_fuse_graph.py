@@ -9,13 +9,7 @@ from fuse.graph import EdgeWeights, build_full_graph, build_global_graph
 W = EdgeWeights()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only contend on a shared 2-core machine (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def edge_set(edge_index, edge_attr):

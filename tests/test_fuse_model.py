@@ -13,13 +13,7 @@ TOK, EMB = [12, 10], [8, 6]
 CFG = ModelConfig(width=16, heads=2, embed_dim=8, queue_size=10, dropout=0.1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only contend on a shared 2-core machine (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blocks(n, seed=0, tokens=(4, 1)):
