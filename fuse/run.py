@@ -6,6 +6,7 @@ from pathlib import Path
 
 from data.errors import PipelineError
 from data.index import index_path
+from data.store import FeatureStore
 from fuse import checkpoint
 from fuse.config import FuseConfig
 from fuse.data import load_split_features, open_stores
@@ -30,7 +31,6 @@ def encode_run(run_dir: Path, split: str, cache: str | None = None, device: str 
                    "checkpoint_mtime_ns": best.stat().st_mtime_ns if best.exists() else 0,
                    "index_version": index.version, "weighted": cfg.weighted}
     root = fused_root(run_dir, split)
-    from data.store import FeatureStore
     store = FeatureStore(root)
     if store.exists() and store.manifest().get("complete") and store.manifest()["fingerprint"] == fingerprint:
         return root
