@@ -47,10 +47,9 @@ def read_embeddings(store: FeatureStore, name: str, index: SplitIndex) -> Embedd
     clean = images.view == 0 if images.view is not None else np.ones(len(images), bool)
     if len(texts) != len(index.captions):
         raise PipelineError(f"{store.root} holds {len(texts)} captions, the split index {len(index.captions)}")
-    random_init = str(manifest["fingerprint"].get("checkpoint", "")).startswith("random-init") or \
-        manifest["fingerprint"].get("random_init", False)
+    random_init = str(manifest["fingerprint"].get("checkpoint", "")).startswith("random-init")
     return Embeddings(name, images.ids[clean], torch.from_numpy(images.embeds[clean]), torch.from_numpy(texts.embeds),
-                      bool(random_init))
+                      random_init)
 
 
 def backbone_names(cache: str, dataset: str, split: str) -> list[str]:

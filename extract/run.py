@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 
-import torch
 from tqdm import tqdm
 
 from data.datasets import load_split, resolve
@@ -45,10 +44,9 @@ def check_config(cfg: ExtractConfig) -> None:
         raise PipelineError(f"--views {cfg.views}: augmented views are for the train split only, not {cfg.split!r}")
     if cfg.precision not in PRECISIONS:
         raise PipelineError(f"--precision {cfg.precision!r}: choose fp32, fp16 or bf16")
-    if cfg.precision == "fp16" and pick_device(cfg.device).type == "cpu":
+    device = pick_device(cfg.device)  # refuses cuda where there is none
+    if cfg.precision == "fp16" and device.type == "cpu":
         raise PipelineError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
-    if cfg.device not in ("auto", "cpu") and cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(f"--device {cfg.device}: no CUDA device is available")
     if cfg.scheduler == "distributed" and not cfg.address:
         raise PipelineError("--scheduler distributed needs --address tcp://HOST:PORT of a running dask scheduler")
     for name in ("batch_size", "shard_size", "token_pool"):
@@ -99,16 +97,11 @@ def dispatch(jobs, cfg, index, image_root, attrs, progress):
     tasks = [dask.delayed(run_shard, pure=False)(job, cfg, index, image_root, attrs, progress) for job in jobs]
     if cfg.scheduler in ("sync", "threads"):
         return list(dask.compute(*tasks, scheduler=cfg.scheduler))
-    if cfg.scheduler == "distributed":
+    if cfg.scheduler == "distributed":  # progress is None here: workers report per shard instead
         from distributed import Client
 
         with Client(cfg.address) as client:
-            tasks = [dask.delayed(run_shard, pure=False)(job, cfg, index, image_root, attrs, None) for job in jobs]
-            futures = client.compute(tasks)
-            results = []
-            for future in tqdm(futures, desc="shards", unit="shard"):
-                results.append(future.result())
-            return results
+            return [f.result() for f in tqdm(client.compute(tasks), desc="shards", unit="shard")]
     raise PipelineError(f"--scheduler {cfg.scheduler!r}: choose sync, threads or distributed")
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.device import pick_device  # noqa: F401  (re-exported for the runner and benchmarks)
 from data.store import ShardData, shard_name, write_shard
 from extract.reader import ImageRows, image_loader
 
@@ -52,12 +53,6 @@ def pool_patches(tokens: torch.Tensor, grid: int, pool: int) -> torch.Tensor:
     patches = tokens[:, 1:].reshape(b, grid, grid, w).permute(0, 3, 1, 2)
     pooled = torch.nn.functional.avg_pool2d(patches, pool, ceil_mode=True).flatten(2).transpose(1, 2)
     return torch.cat([tokens[:, :1], pooled], dim=1)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def autocast(device: torch.device, precision: str):

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data.device import pick_device
 from data.errors import PipelineError
 from fuse import checkpoint
 from fuse.batch import gather_batch
@@ -20,14 +21,6 @@ from fuse.model import HadaModel
 from fuse.plot import plot_curves
 
 log = logging.getLogger("pipeline.fuse")
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PipelineError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
 
 
 def autocast(device: torch.device):
