@@ -1,7 +1,6 @@
 """The `pipeline` command: parses options into each stage's config and calls the stage."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import types
@@ -11,6 +10,7 @@ from pathlib import Path
 import click
 
 from data.errors import PipelineError
+from data.options import from_options, option_defaults, option_fields
 from evaluate.config import ScoreConfig
 from extract.config import ExtractConfig
 from fuse.config import FuseConfig
@@ -18,12 +18,10 @@ from fuse.config import FuseConfig
 
 def config_options(config_cls):
     """Turn every field of a stage's config dataclass into a click option (help from the field's metadata)."""
-    hints = typing.get_type_hints(config_cls)
 
     def decorate(fn):
-        for f in reversed(dataclasses.fields(config_cls)):
+        for f, hint in reversed(option_fields(config_cls)):
             meta, flag = f.metadata, "--" + f.name.replace("_", "-")
-            hint = hints[f.name]
             base = [a for a in typing.get_args(hint) if a is not type(None)][0] if isinstance(hint, types.UnionType) else hint
             kwargs = dict(help=meta.get("help"), show_default=f.default is not None and not meta.get("required"))
             if base is bool:
@@ -92,13 +90,34 @@ def extract(**options) -> None:
 
 @cli.command()
 @config_options(FuseConfig)
-def fuse(**options) -> None:
+@click.pass_context
+def fuse(ctx, **options) -> None:
     """Train the HADA graph fusion from the cached train/val features; write fused val/test embeddings."""
     from fuse.run import run_fuse
 
-    summary = run_stage(run_fuse, FuseConfig(**options))
+    given = frozenset(k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE)
+    summary = run_stage(lambda: run_fuse(from_options(FuseConfig, options), given))
     click.echo(f"{summary['run']}: {summary['epochs']} epochs, best validation rsum {summary['best_rsum']:.2f}; "
                f"fused embeddings for {', '.join(summary['encoded']) or 'no split'}")
+
+
+@cli.command("import-hada")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--dataset", required=True, help="dataset whose cached val/test splits the run will score")
+@click.option("--backbones", required=True, help="the checkpoint's two backbones, in its order (e.g. blip,clip)")
+@click.option("--run", required=True, help="name of the run to write")
+@click.option("--cache", default="cache", show_default=True, help="feature cache folder")
+@click.option("--runs", default="runs", show_default=True, help="folder for runs")
+@click.option("--weighted/--no-weighted", default=None,
+              help="the second stage's weighted score (default: when the checkpoint's weight_1 is a tensor)")
+@click.option("--reference-bug/--no-reference-bug", default=True, show_default=True,
+              help="encode with the reference's forward bug, as the published checkpoints were trained")
+def import_hada_command(checkpoint, dataset, backbones, run, cache, runs, weighted, reference_bug) -> None:
+    """Import a HADA-LAVIS checkpoint (best.pth.tar) as a run: `pipeline score --run NAME` then scores it."""
+    from fuse.hada_import import import_hada
+
+    run_dir = run_stage(import_hada, checkpoint, dataset, backbones, run, cache, runs, weighted, reference_bug)
+    click.echo(f"{run_dir}: imported {checkpoint}; score it with `pipeline score --dataset {dataset} --run {run}`")
 
 
 @cli.command()
@@ -113,7 +132,7 @@ def score(**options) -> None:
     click.echo(format_table(result["rows"]))
     for key, note in result["notes"].items():
         click.echo(f"{key}: {note}")
-    extra = {"notes": result["notes"], "config": cfg.to_dict()}
+    extra = {"notes": result["notes"], "config": cfg.to_dict(), **({"fusion": result["fusion"]} if result.get("fusion") else {})}
     if cfg.json:
         path = write_scores(cfg.json, result["dataset"], result["split"], result["run"], result["rows"], extra)
         click.echo(f"scores: {path} and {path.with_suffix('.md')}")
@@ -138,7 +157,7 @@ def _score(cfg: ScoreConfig) -> dict:
         raise PipelineError(f"nothing to score: no backbone store in {Path(cfg.cache) / cfg.dataset / cfg.split}")
     fused = {}
     if run:
-        from fuse.run import encode_run
+        from fuse.run import encode_run, run_summary
 
         logging.getLogger("pipeline.score").info("scoring run %s (backbones %s)", run, ", ".join(names))
         for split in dict.fromkeys([cfg.split, "val"] + (["train"] if cfg.rerank else [])):
@@ -147,6 +166,7 @@ def _score(cfg: ScoreConfig) -> dict:
             except PipelineError:
                 if split == cfg.split:
                     raise
+        return {**run_score(cfg, names, run, fused), "fusion": run_summary(Path(cfg.runs) / run)}
     return run_score(cfg, names, run, fused)
 
 
@@ -187,7 +207,7 @@ def demo(ctx, data_root: str, cache: str, runs: str, epochs: int, workers: int) 
 
 
 def _defaults(config_cls) -> dict:
-    return {f.name: f.default for f in dataclasses.fields(config_cls)}
+    return option_defaults(config_cls)
 
 
 if __name__ == "__main__":

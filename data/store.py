@@ -192,6 +192,11 @@ class FeatureStore:
                 row, tok = row + m, tok + thi - tlo
         return out
 
+    def dims(self, kind: str) -> tuple[int, int]:
+        """(node width, embedding size) of one kind's rows."""
+        with h5py.File(self.shard_paths(kind)[0], "r") as f:
+            return int(f["tokens"].shape[1]), int(f["embeds"].shape[1])
+
     def nbytes(self, kind: str) -> int:
         """Bytes the token features of one kind take in memory (float16)."""
         total = 0

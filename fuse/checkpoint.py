@@ -15,9 +15,10 @@ def save(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def load(path: Path) -> dict:
+def load(path: Path, what: str | None = None) -> dict:
+    """A checkpoint of this project (``weights_only=True``); ``what`` names it in the message when it is missing."""
     if not path.is_file():
-        raise PipelineError(f"no checkpoint at {path}")
+        raise PipelineError(f"{what or 'checkpoint'}: no checkpoint at {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # unpickling refused or a damaged file: name the file

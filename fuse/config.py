@@ -1,62 +1,130 @@
-"""The fusion config: one frozen dataclass; every field is a `pipeline fuse` option, saved with the run."""
+"""The fusion configs: the model's hyperparameters (one dataclass) and the run's recipe around them.
+
+Every field is a `pipeline fuse` option (``ModelConfig``'s fields too: pipeline.py flattens the nested
+dataclass), and both are saved with the run. The defaults are HADA-LAVIS's (``Config/*/C1*.yml`` and
+``Controller.py``); every option that departs from the reference is off by default and listed in the
+README's "Differences from the reference implementation".
+"""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
+from data.errors import PipelineError
 from data.options import opt
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """HADA's model: widths, heads, dropout, edge weights, momentum encoders, queue, temperature."""
+
+    width: int = opt(512, "node width after each backbone's projection (ft_trans / ft_gcn)")
+    heads: int = opt(4, "GATv2 attention heads (concatenated, then merged back to --width)")
+    dropout: float = opt(0.4, "dropout: GATv2 attention, before the head merge, the output layer and the ITM head")
+    embed_dim: int = opt(512, "fused embedding size (ft_com)")
+    w_token_own: float = opt(0.9, "edge weight token -> its own backbone's global node (wfc)")
+    w_token_other: float = opt(0.7, "edge weight token -> the other backbones' global nodes (wfcx)")
+    w_global: float = opt(1.1, "edge weight global <-> global (wcc)")
+    self_loop_weight: float | None = opt(
+        None, "deviation: explicit self-loop edge weight; default: the reference's PyG self-loops, whose weight is "
+              "the mean of the node's incoming edge weights")
+    momentum: float = opt(0.995, "EMA of the momentum encoders")
+    queue_size: int = opt(64000, "ITC queue length (filled with random unit vectors at the start, as the reference)")
+    temp: float = opt(0.07, "initial ITC temperature (learned, clamped to [0.001, 0.5])")
+    weighted: bool = opt(False, "HADA's second stage: score (1 - w) * fused + w * first backbone, w learned "
+                                "(start 0.5, clamped to [0.1, 0.9])")
+    reference_bug: bool = opt(False, "reproduce HADA-LAVIS's forward bug: the second backbone's graph nodes are "
+                                     "rows of the first backbone's (needs exactly two backbones of equal node width)")
+
+    # Fixed by the reference recipe (not options).
+    temp_min = 0.001
+    temp_max = 0.5
+    weight_init = 0.5
+    weight_min = 0.1
+    weight_max = 0.9
+
+    def __post_init__(self) -> None:
+        if min(self.width, self.heads, self.embed_dim, self.queue_size) < 1:
+            raise PipelineError("--width, --heads, --embed-dim and --queue-size must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise PipelineError(f"--dropout {self.dropout}: need 0 <= dropout < 1")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise PipelineError(f"--momentum {self.momentum}: need 0 <= momentum <= 1")
+        if not self.temp_min <= self.temp <= self.temp_max:
+            raise PipelineError(f"--temp {self.temp}: need {self.temp_min} <= temp <= {self.temp_max}")
+
+    @property
+    def edge_weights(self) -> "EdgeWeights":
+        return EdgeWeights(self.w_token_own, self.w_token_other, self.w_global, self.self_loop_weight)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class FuseConfig:
-    dataset: str = opt(None, "dataset name whose train and val caches to read", required=True)
-    backbones: str = opt(None, "comma-separated backbones, 2 or more (the first one is the weighted stage's)",
-                         required=True)
-    epochs: int = opt(20, "train up to this many epochs (early stopping may end sooner)")
-    batch_size: int = opt(128, "positive (image, caption) pairs per step (HADA: 40)")
+    """A fusion run: which cache and backbones, the training recipe, and the model."""
+
+    dataset: str | None = opt(None, "dataset in the cache (default: the only one there)")
+    backbones: str | None = opt(None, "comma-separated backbones, 2 or more; the first one is the weighted stage's "
+                                      "(default: every backbone cached for train and val)")
+    epochs: int = opt(100, "train up to this many epochs (early stopping usually ends sooner)")
+    batch_size: int = opt(40, "positive (image, caption) pairs per step; a last partial batch is dropped")
     lr: float = opt(1e-4, "AdamW learning rate")
-    weight_decay: float = opt(0.02, "AdamW weight decay")
-    t0: int = opt(30, "cosine warm-restart period in epochs")
+    weight_decay: float = opt(0.02, "AdamW weight decay (temperature and w included, as the reference)")
+    t0: int = opt(30, "cosine warm-restart period in epochs (the schedule steps every iteration)")
     t_mult: int = opt(2, "period multiplier after each restart")
+    eta_min: float = opt(1e-5, "the schedule's lowest learning rate")
     patience: int = opt(5, "stop after this many epochs without a better validation rsum")
-    clean_prob: float = opt(0.25, "chance that a visit uses the clean image rather than a cached augmented view")
+    min_improvement: float = opt(0.1, "a validation rsum (in %) must beat the best by at least this much to count "
+                                      "(the reference's 0.001 on its 0-6 scale)")
+    clean_prob: float = opt(0.0, "deviation: chance that a visit uses the clean image although augmented views "
+                                 "are cached (the reference never trains on clean images; ALBEF-HADA: 0.25)")
     data_root: str = opt("datasets", "dataset folder (only read when a split index is missing)")
     cache: str = opt("cache", "feature cache folder")
     runs: str = opt("runs", "folder for runs")
     run: str | None = opt(None, "run name (default <dataset>-<backbones>)")
     resume: bool = opt(False, "continue the run from its last.pt to --epochs")
-    init: str | None = opt(None, "start from this run's best.pt (HADA's second stage with --weighted)")
+    init: str | None = opt(None, "start from this run's best.pt: its encoders and ITM head (HADA's second stage "
+                                 "with --weighted); temperature, queues and momentum encoders start afresh")
+    init_momentum: bool = opt(False, "deviation: with --init, also start the momentum encoders from the loaded "
+                                     "weights (the reference leaves them at their random initialisation)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     seed: int = opt(0, "seed of initialisation, shuffling, view choice, dropout and negatives")
     memory_gb: float | None = opt(None, "host memory for cached features (default 70% of available); "
                                         "more than this streams the train split in blocks")
-    width: int = opt(512, "common node width")
-    heads: int = opt(4, "GATv2 attention heads")
-    dropout: float = opt(0.4, "dropout")
-    embed_dim: int = opt(512, "fused embedding size")
-    w_token_own: float = opt(0.9, "edge weight token -> own global node")
-    w_token_other: float = opt(0.7, "edge weight token -> other backbones' global nodes")
-    w_global: float = opt(1.1, "edge weight global <-> global")
-    w_self: float = opt(1.0, "self-loop weight")
-    undirected: bool = opt(False, "add the reverse of every edge")
-    momentum: float = opt(0.995, "EMA of the momentum encoders")
-    queue_size: int = opt(65536, "ITC queue length")
-    temp: float = opt(0.07, "initial ITC temperature (learned, clamped to [0.001, 0.5])")
-    weighted: bool = opt(False, "HADA's second stage: mix the fused score with the first backbone's by a learned weight")
-    global_only: bool = opt(True, "compute graph outputs for global nodes only (exact, faster)")
+    model: ModelConfig = field(default_factory=ModelConfig)
 
     @property
     def backbone_list(self) -> list[str]:
-        return [b.strip() for b in self.backbones.split(",") if b.strip()]
+        return [b.strip() for b in (self.backbones or "").split(",") if b.strip()]
 
     @property
     def run_name(self) -> str:
         return self.run or f"{self.dataset}-{'+'.join(self.backbone_list)}"
 
-    def model_config(self):
-        from fuse.model import ModelConfig  # imported here: the CLI builds this config without torch
-
-        names = {f.name for f in fields(ModelConfig)}
-        return ModelConfig(**{k: v for k, v in asdict(self).items() if k in names})
-
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "FuseConfig":
+        """The config saved with a run (unknown keys, e.g. from an older version, are refused by name)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(saved) - names)
+        if unknown:
+            raise ValueError(f"unknown fusion settings {unknown}")
+        model = saved.get("model", {})
+        model_names = {f.name for f in fields(ModelConfig)}
+        if set(model) - model_names:
+            raise ValueError(f"unknown model settings {sorted(set(model) - model_names)}")
+        return cls(**{**saved, "model": ModelConfig(**model)})
+
+
+@dataclass(frozen=True)
+class EdgeWeights:
+    """HADA's edge weights (``wfc``, ``wfcx``, ``wcc``); ``self_loop`` None means PyG's ``fill_value='mean'``
+    self-loops of the reference: a node's self-loop weight is the mean of its other incoming edges' weights."""
+
+    token_own: float = 0.9
+    token_other: float = 0.7
+    global_global: float = 1.1
+    self_loop: float | None = None

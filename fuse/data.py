@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -30,13 +31,24 @@ class SplitFeatures:
     image_ids: torch.Tensor
     image_views: torch.Tensor
     views: int  # augmented views per image (0: clean only)
+    _tables: dict = field(default_factory=dict, init=False, repr=False)
 
     def row_table(self, id_start: int = 0) -> torch.Tensor:
-        """(images x (views+1)) table of rows, -1 where absent; indexed by (id - id_start, view)."""
-        n = int(self.image_ids.max()) + 1 - id_start if len(self.image_ids) else 0
-        table = torch.full((n, self.views + 1), -1, dtype=torch.long)
-        table[self.image_ids - id_start, self.image_views] = torch.arange(len(self.image_ids))
-        return table
+        """(images x (views+1)) table of rows, -1 where absent; indexed by (id - id_start, view). Cached."""
+        if id_start not in self._tables:
+            n = int(self.image_ids.max()) + 1 - id_start if len(self.image_ids) else 0
+            table = torch.full((n, self.views + 1), -1, dtype=torch.long)
+            table[self.image_ids - id_start, self.image_views] = torch.arange(len(self.image_ids))
+            self._tables[id_start] = table
+        return self._tables[id_start]
+
+    def image_rows(self, images: torch.Tensor, views: torch.Tensor, id_start: int = 0) -> torch.Tensor:
+        """Rows of ``images`` (split image ids) in ``views``; the clean row where an image lacks that view."""
+        table = self.row_table(id_start)
+        local = images - id_start
+        views = views.clamp_max(self.views)
+        rows = table[local, views]
+        return torch.where(rows >= 0, rows, table[local, 0])
 
     def clean_rows(self) -> torch.Tensor:
         return torch.nonzero(self.image_views == 0).flatten()
@@ -114,3 +126,44 @@ def available_memory() -> int:
         return info.get("MemAvailable", info["MemTotal"])
     except (OSError, KeyError):
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def plan_blocks(stores: list[FeatureStore], n_images: int, memory_gb: float | None) -> list[tuple[int, int]]:
+    """One block (all in memory) when the features fit the budget, else contiguous image-id blocks to stream."""
+    need = sum(s.nbytes("images") + s.nbytes("texts") for s in stores)
+    budget = memory_gb * 1e9 if memory_gb else 0.7 * available_memory()
+    if need <= budget:
+        log.info("train features: %.2f GB, held in memory (budget %.2f GB)", need / 1e9, budget / 1e9)
+        return [(0, n_images)]
+    n_blocks = math.ceil(need / (0.5 * budget))  # half the budget per block leaves room for the next one
+    log.info("train features: %.2f GB exceed the memory budget of %.2f GB: streaming %d blocks of ~%d images, "
+             "shuffled by block and within each block", need / 1e9, budget / 1e9, n_blocks,
+             math.ceil(n_images / n_blocks))
+    edges = [round(k * n_images / n_blocks) for k in range(n_blocks + 1)]
+    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+
+
+def place(features: SplitFeatures, device: torch.device) -> SplitFeatures:
+    """Move the features into GPU memory when they take less than half of what is free there."""
+    if device.type != "cuda":
+        return features
+    need = sum(f.tokens.numel() * f.tokens.element_size() + f.embeds.numel() * 4
+               for f in features.images + features.texts)
+    free, _ = torch.cuda.mem_get_info(device)
+    if need < 0.5 * free:
+        log.info("features (%.2f GB) moved to GPU memory", need / 1e9)
+        return features.to(device)
+    return features
+
+
+def present_images(stores: list[FeatureStore], n_images: int) -> np.ndarray:
+    """Image rows of the split that every store holds (images skipped at extraction are absent)."""
+    keep = np.ones(n_images, dtype=bool)
+    for store in stores:
+        keep[store.bad_images()] = False
+    return np.flatnonzero(keep)
+
+
+def stored_views(stores: list[FeatureStore]) -> int:
+    """Augmented views per image that every store holds (0: clean images only)."""
+    return min(int(s.manifest()["fingerprint"].get("views", 0)) for s in stores)

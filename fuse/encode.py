@@ -2,20 +2,26 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data.store import FeatureStore, ShardData, write_shard
 from evaluate.coverage import recall_with_missing
+from evaluate.weighted import mix_embeddings
 from fuse.batch import gather_batch
+from fuse.config import FuseConfig
 from fuse.data import SplitFeatures
 from fuse.model import HadaModel
 
 log = logging.getLogger("pipeline.fuse")
+
+
+def eval_batch_size(cfg: FuseConfig) -> int:
+    """Samples per encoding batch. With ``--reference-bug`` a sample's output depends on its batch, so encode
+    as the reference evaluates: in split-index order, batches of half the training batch."""
+    return max(1, cfg.batch_size // 2) if cfg.model.reference_bug else 512
 
 
 @torch.no_grad()
@@ -24,19 +30,17 @@ def _encode(encoder, features, rows: torch.Tensor, device, batch: int, w: float 
     for k in range(0, len(rows), batch):
         blocks = gather_batch(features, rows[k:k + batch], device)
         emb = encoder(blocks).float()
-        if w is not None:  # see encode_split
-            first = F.normalize(blocks[0].embeds.float(), dim=-1)
-            emb = torch.cat([math.sqrt(1 - w) * emb, math.sqrt(w) * first], dim=1)
-        out.append(emb.cpu())
+        out.append((emb if w is None else mix_embeddings(emb, blocks[0].embeds, w)).cpu())
     return torch.cat(out)
 
 
 @torch.no_grad()
 def encode_split(model: HadaModel, features: SplitFeatures, device, batch: int = 512):
-    """(image ids, image embeddings of the clean views, caption embeddings), float32 on the CPU.
+    """(image ids, image embeddings of the clean views, caption embeddings), float32 on the CPU, in
+    split-index order.
 
-    With the weighted second stage, each embedding is [sqrt(1-w) * fused, sqrt(w) * first backbone's], so a
-    plain dot product is HADA's mixed score (1-w) * fused + w * first, and the rows stay unit length.
+    With the weighted second stage the embeddings are ``evaluate.weighted.mix_embeddings``: a plain dot
+    product is then HADA's mixed score (1-w) * fused + w * first backbone's.
     """
     was_training = model.training
     model.eval()

@@ -1,156 +1,147 @@
-"""HADA's per-sample graphs built for a whole batch as PyG edge lists (full and global-only).
+"""HADA's per-sample graphs for a whole batch, as edges into the global nodes (the only nodes read out).
 
-Node order (the full graph): backbone-major, i.e. all rows of backbone 0 for
-samples 0..N-1 exactly as stacked in its ``NodeBlock.tokens``, then all rows of
-backbone 1, and so on. So the node feature matrix is simply
-``torch.cat([proj_b(block_b.tokens) for b])``. ``NodeLayout.global_index[i, b]``
-is the node holding the global node ``c_b`` of sample i.
+A sample's nodes are each backbone's rows (row 0 = the backbone's global node ``c_b``, the rest its token
+nodes ``f_b``), in backbone order, as HADA-LAVIS concatenates them. Its edges (weight = 1-d edge feature):
 
-Edges of one sample (weight = 1-d edge feature):
+* token ``f_b`` -> its own global ``c_b``: ``token_own`` (``wfc``, 0.9)
+* token ``f_b`` -> every other global ``c_b'``: ``token_other`` (``wfcx``, 0.7)
+* global ``c_b`` <-> global ``c_b'``: ``global_global`` (``wcc``, 1.1)
+* a self-loop on every node. The reference lists self-loops of weight 1, but its ``GATv2Conv`` keeps PyG's
+  ``add_self_loops=True, fill_value='mean'``: PyG drops the listed loops and adds its own whose weight is the
+  mean of the node's other incoming edge weights (BLIP CLS with 576 tokens and one CLIP node:
+  (576 x 0.9 + 1.1) / 577 = 0.9003; the CLIP node: (576 x 0.7 + 1.1) / 577 = 0.7007; a token node: 0).
+  ``EdgeWeights.self_loop`` set to a number gives explicit loops of that weight instead (a deviation).
 
-* token ``f_b`` -> its own global ``c_b``: ``token_own`` (0.9)
-* token ``f_b`` -> every other global ``c_b'``: ``token_other`` (0.7)
-* global ``c_b`` -> global ``c_b'`` for b != b' (both directions): ``global_global`` (1.1)
-* a self-loop on every node: ``self_loop`` (1.0)
+Every global node thus receives one edge from every node of its sample, itself included, and with a single
+attention layer only the global nodes' outputs are used, so only edges into global nodes are built (a
+token's own output never reaches the read-out). Two layouts of the same edges:
 
-``undirected=True`` adds ``c_b -> f_b`` and ``c_b' -> f_b`` with the same weights;
-global-global edges already go both ways and a self-loop is its own reverse,
-so nothing is duplicated.
-
-Every global node thus receives exactly one edge from every node of its sample.
-The global-only graph keeps just those edges, as a bipartite graph whose targets
-are the N*B global nodes in sample-major order (target ``i * B + b``), so that
-``x_dst = x[layout.global_index.reshape(-1)]`` and the readout is a reshape. For
-a single attention layer its outputs equal the full graph's at the global nodes,
-directed or undirected: the reverse edges only feed token nodes, which are never
-read out.
+* ``bipartite_graph``: PyG edge lists. Sources are all rows in backbone-major order (all of backbone 0's rows
+  of the batch as stacked in its ``NodeBlock``, then backbone 1's, ...); targets are the N*B global nodes in
+  sample-major order (target ``i * B + b`` is ``c_b`` of sample i).
+* ``dense_graph``: each sample's nodes padded to ``S`` slots in the per-sample order above, with an
+  (N, B, S) edge-weight table: every node of a sample feeds every global node of it, so attention is dense.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class EdgeWeights:
-    """HADA's edge weights (``wfc``, ``wfcx``, ``wcc``, ``wfsl``/``wcsl``)."""
-
-    token_own: float = 0.9
-    token_other: float = 0.7
-    global_global: float = 1.1
-    self_loop: float = 1.0
+from fuse.config import EdgeWeights
 
 
-class NodeLayout(NamedTuple):
-    """Where a batch's nodes sit in the (backbone-major) node order."""
-
-    num_nodes: int
-    global_index: Tensor  # (N, B): node of c_b of sample i
-    backbone_ptr: list[int]  # backbone b owns nodes backbone_ptr[b]:backbone_ptr[b+1]
-    batch: Tensor  # (num_nodes,): sample of every node
-
-
-class _Rows(NamedTuple):
-    nodes: Tensor  # node ids of the backbone's rows
-    sample: Tensor  # sample of every row
-    is_global: Tensor  # row 0 of its sample
-
-
-def _rows(counts: Sequence[Tensor], num_rows: Optional[Sequence[int]]):
-    """Per-backbone row bookkeeping and the layout; no per-sample Python loop."""
+def _check(counts: Sequence[Tensor]) -> int:
     if len(counts) == 0:
         raise ValueError("need at least one backbone")
     n = counts[0].numel()
-    device = counts[0].device
     if any(c.numel() != n for c in counts):
         raise ValueError("every backbone needs a row count for every sample")
-    if num_rows is None:
-        num_rows = [int(c.sum()) for c in counts]  # a sync; callers pass it to avoid one
-    ptr = [0]
-    for r in num_rows:
-        ptr.append(ptr[-1] + int(r))
-    sample_ids = torch.arange(n, device=device)
-    rows, starts = [], []
-    for b, c in enumerate(counts):
-        c = c.to(torch.long)
-        start = c.cumsum(0) - c  # first row of each sample within backbone b
-        sample = torch.repeat_interleave(sample_ids, c, output_size=int(num_rows[b]))
-        local = torch.arange(int(num_rows[b]), device=device) - start[sample]
-        rows.append(_Rows(torch.arange(ptr[b], ptr[b + 1], device=device), sample, local == 0))
-        starts.append(start + ptr[b])
-    layout = NodeLayout(ptr[-1], torch.stack(starts, dim=1), ptr,
-                        torch.cat([r.sample for r in rows]))
-    return rows, layout
+    return n
 
 
-def _into_globals(rows: list[_Rows], layout: NodeLayout, w: EdgeWeights,
-                  bipartite: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Every edge ending in a global node: (src, dst, weight, src is a token);
-    dst is a node id or, when ``bipartite``, a target index ``i * B + b``."""
-    num_b = len(rows)
-    src, dst, wt, tok = [], [], [], []
-    for s, r in enumerate(rows):
-        for t in range(num_b):
-            if s == t:
-                weight = torch.where(r.is_global, w.self_loop, w.token_own)
-            else:
-                weight = torch.where(r.is_global, w.global_global, w.token_other)
-            src.append(r.nodes)
-            dst.append(r.sample * num_b + t if bipartite else layout.global_index[r.sample, t])
-            wt.append(weight)
-            tok.append(~r.is_global)
-    return torch.cat(src), torch.cat(dst), torch.cat(wt).to(torch.float32), torch.cat(tok)
+def self_loop_weights(counts: Sequence[Tensor], weights: EdgeWeights) -> Tensor:
+    """(N, B) float32: the self-loop weight of each sample's global node of each backbone.
+
+    PyG's ``fill_value='mean'``: the mean weight of the node's other incoming edges (0 when there are none).
+    """
+    c = torch.stack([x.to(torch.float32) for x in counts], dim=1)  # (N, B) rows per backbone
+    if weights.self_loop is not None:
+        return torch.full_like(c, float(weights.self_loop))
+    tokens = c - 1
+    own = tokens * weights.token_own
+    other = (tokens.sum(dim=1, keepdim=True) - tokens) * weights.token_other
+    globals_ = (c.size(1) - 1) * weights.global_global
+    incoming = c.sum(dim=1, keepdim=True) - 1
+    return torch.where(incoming > 0, (own + other + globals_) / incoming.clamp_min(1), torch.zeros_like(c))
 
 
-def build_full_graph(counts_per_backbone: Sequence[Tensor],
-                     weights: EdgeWeights = EdgeWeights(), undirected: bool = False,
-                     num_rows: Optional[Sequence[int]] = None
-                     ) -> tuple[Tensor, Tensor, NodeLayout]:
-    """All samples' graphs as one disconnected graph.
+def _edge_weight(src_backbone: int | Tensor, src_global: Tensor, target: int | Tensor, self_loop: Tensor,
+                 weights: EdgeWeights) -> Tensor:
+    """Weight of an edge from a node (its backbone, whether it is a global node) into global ``c_target``."""
+    same = torch.as_tensor(src_backbone == target, device=self_loop.device)
+    glob = torch.where(same, self_loop, torch.full_like(self_loop, weights.global_global))
+    tok = torch.where(same, torch.full_like(self_loop, weights.token_own),
+                      torch.full_like(self_loop, weights.token_other))
+    return torch.where(src_global, glob, tok)
+
+
+class RowInfo(NamedTuple):
+    sample: Tensor  # (rows,) sample of each row
+    local: Tensor  # (rows,) row number within its sample (0 = global node)
+
+
+def _rows(counts: Tensor, num_rows: int) -> RowInfo:
+    counts = counts.to(torch.long)
+    start = counts.cumsum(0) - counts
+    sample = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
+                                     output_size=num_rows)
+    return RowInfo(sample, torch.arange(num_rows, device=counts.device) - start[sample])
+
+
+def bipartite_graph(counts: Sequence[Tensor], weights: EdgeWeights, num_rows: Sequence[int]
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """Edges into the global nodes, for ``GATv2Conv((x, x[global_index.view(-1)]), edge_index, edge_attr)``
+    with ``add_self_loops=False`` (self-loops are listed, with their weights).
 
     Args:
-        counts_per_backbone: per backbone, the (N,) row counts (>= 1, global row
-            included) of the batch's samples.
+        counts: per backbone, the (N,) row counts (>= 1, global row included) of the batch's samples.
         weights: the edge weights.
-        undirected: also add every token <- global edge.
-        num_rows: per backbone ``counts.sum()`` if known (saves a device sync).
+        num_rows: per backbone ``counts.sum()`` (known on the host: saves a device sync).
 
     Returns:
-        ``edge_index`` (2, E) over the backbone-major node order, ``edge_attr``
-        (E, 1) float32 weights, and the ``NodeLayout``.
+        ``edge_index`` (2, E), ``edge_attr`` (E, 1) float32, ``global_index`` (N, B): the source node (in
+        backbone-major order) of each sample's global node of each backbone.
     """
-    rows, layout = _rows(counts_per_backbone, num_rows)
-    src, dst, wt, from_token = _into_globals(rows, layout, weights, bipartite=False)
-    srcs, dsts, wts = [src], [dst], [wt]
-    tokens = torch.cat([r.nodes[~r.is_global] for r in rows])
-    srcs.append(tokens)  # self-loops of the token nodes
-    dsts.append(tokens)
-    wts.append(torch.full(tokens.shape, weights.self_loop, dtype=torch.float32,
-                          device=tokens.device))
-    if undirected:
-        srcs.append(dst[from_token])
-        dsts.append(src[from_token])
-        wts.append(wt[from_token])
-    edge_index = torch.stack([torch.cat(srcs), torch.cat(dsts)])
-    return edge_index, torch.cat(wts).unsqueeze(1), layout
+    _check(counts)
+    num_b = len(counts)
+    loops = self_loop_weights(counts, weights)
+    src, dst, wt, starts = [], [], [], []
+    base = 0
+    for b, c in enumerate(counts):
+        rows = _rows(c, int(num_rows[b]))
+        nodes = base + torch.arange(int(num_rows[b]), device=c.device)
+        starts.append(base + c.to(torch.long).cumsum(0) - c.to(torch.long))
+        for t in range(num_b):
+            src.append(nodes)
+            dst.append(rows.sample * num_b + t)
+            wt.append(_edge_weight(b, rows.local == 0, t, loops[rows.sample, t], weights))
+        base += int(num_rows[b])
+    edge_index = torch.stack([torch.cat(src), torch.cat(dst)])
+    return edge_index, torch.cat(wt).unsqueeze(1), torch.stack(starts, dim=1)
 
 
-def build_global_graph(counts_per_backbone: Sequence[Tensor],
-                       weights: EdgeWeights = EdgeWeights(),
-                       num_rows: Optional[Sequence[int]] = None
-                       ) -> tuple[Tensor, Tensor, NodeLayout]:
-    """The bipartite graph of the full graph's edges that end in a global node.
+class DenseGraph(NamedTuple):
+    """A batch's samples padded to ``S`` node slots (per-sample order: backbone 0's rows, then 1's, ...)."""
 
-    Sources are all nodes (backbone-major order, as ``build_full_graph``);
-    targets are the N*B global nodes, target ``i * B + b`` being ``c_b`` of
-    sample i, i.e. node ``layout.global_index.reshape(-1)[i * B + b]``. Use as
-    ``conv((x, x[layout.global_index.reshape(-1)]), edge_index, edge_attr)``.
-    The same graph serves ``undirected`` (see the module docstring).
-    """
-    rows, layout = _rows(counts_per_backbone, num_rows)
-    src, dst, wt, _ = _into_globals(rows, layout, weights, bipartite=True)
-    return torch.stack([src, dst]), wt.unsqueeze(1), layout
+    slots: Sequence[Tensor]  # per backbone, (rows,): flat slot ``sample * S + position`` of each stacked row
+    mask: Tensor  # (N, S) bool: the slot holds a node
+    edge_attr: Tensor  # (N, B, S) float32: weight of the edge from slot s into global node b
+    global_slot: Tensor  # (N, B): position of each global node within its sample
 
+
+def dense_graph(counts: Sequence[Tensor], weights: EdgeWeights, num_rows: Sequence[int], slots: int) -> DenseGraph:
+    """The same edges as ``bipartite_graph``, laid out densely; ``slots`` >= the largest sample's node count."""
+    n = _check(counts)
+    device = counts[0].device
+    num_b = len(counts)
+    loops = self_loop_weights(counts, weights)
+    offset = torch.zeros(n, dtype=torch.long, device=device)  # where backbone b's rows start in each sample
+    flat, backbone, is_global = [], torch.full((n * slots,), -1, device=device), torch.zeros(
+        n * slots, dtype=torch.bool, device=device)
+    global_slot = []
+    for b, c in enumerate(counts):
+        rows = _rows(c, int(num_rows[b]))
+        slot = rows.sample * slots + offset[rows.sample] + rows.local
+        flat.append(slot)
+        backbone[slot] = b
+        is_global[slot] = rows.local == 0
+        global_slot.append(offset.clone())
+        offset = offset + c.to(torch.long)
+    backbone, is_global = backbone.view(n, 1, slots), is_global.view(n, 1, slots)
+    targets = torch.arange(num_b, device=device).view(1, num_b, 1)
+    attr = _edge_weight(backbone, is_global, targets, loops.unsqueeze(2).expand(n, num_b, slots), weights)
+    mask = backbone[:, 0] >= 0
+    return DenseGraph(flat, mask, torch.where(mask.unsqueeze(1), attr, torch.zeros_like(attr)),
+                      torch.stack(global_slot, dim=1))

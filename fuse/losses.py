@@ -9,37 +9,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# Finite, so that 0 * log_softmax stays 0 for masked columns (``-inf`` would give NaN).
-_MASKED = -1e9
-
 
 def id_targets(ids: Tensor, all_ids: Tensor) -> Tensor:
-    """Soft ITC targets (N, M): every entry of ``all_ids`` equal to the row's id
-    shares the row's mass equally. Negative ids mark empty queue slots."""
+    """Soft ITC targets (N, M): every entry of ``all_ids`` equal to the row's id shares the row's mass equally
+    (so every caption of an image is a positive). Negative ids (the queue's initial entries) never match."""
     pos = (ids.view(-1, 1) == all_ids.view(1, -1)) & (all_ids.view(1, -1) >= 0)
     pos = pos.to(torch.float32)
     # Rows always match themselves when ``all_ids`` starts with ``ids``; clamp guards the rest.
     return pos / pos.sum(dim=1, keepdim=True).clamp_min(1.0)
 
 
-def soft_cross_entropy(logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> Tensor:
-    """Mean over rows of -sum(targets * log_softmax(logits)); columns where
-    ``valid`` (broadcastable bool) is False take no part in the softmax."""
-    logits = logits.float()
-    if valid is not None:
-        logits = logits.masked_fill(~valid, _MASKED)
-    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean over rows of -sum(targets * log_softmax(logits))."""
+    return -(F.log_softmax(logits.float(), dim=1) * targets).sum(dim=1).mean()
 
 
-def itc_loss(sim_i2t: Tensor, sim_t2i: Tensor, targets: Tensor,
-             valid: Tensor | None = None) -> Tensor:
+def itc_loss(sim_i2t: Tensor, sim_t2i: Tensor, targets: Tensor) -> Tensor:
     """ALBEF's contrastive loss, (i2t + t2i) / 2, on temperature-scaled logits.
 
     Rows of both are the batch's pairs keyed by their image id, columns batch +
     queue entries, so one target matrix serves both directions.
     """
-    return 0.5 * (soft_cross_entropy(sim_i2t, targets, valid)
-                  + soft_cross_entropy(sim_t2i, targets, valid))
+    return 0.5 * (soft_cross_entropy(sim_i2t, targets) + soft_cross_entropy(sim_t2i, targets))
 
 
 def sample_hard_negatives(logits: Tensor, same: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,7 +41,8 @@ def sample_hard_negatives(logits: Tensor, same: Tensor) -> tuple[Tensor, Tensor]
     ``same`` (e.g. the whole batch shows one image) has no negative: it draws
     uniformly so shapes stay static, and callers must drop it via ``has_negative``.
     """
-    logits = logits.detach().float()
+    # Non-finite logits (a diverged step; the training loop stops at its next check) must not crash here.
+    logits = torch.nan_to_num(logits.detach().float(), nan=0.0, posinf=1e4, neginf=-1e4)
     has_neg = ~same.all(dim=1)
     # Mask before the softmax: masking after it underflows to all-zero rows at small temperatures.
     logits = logits.masked_fill(same, float("-inf"))

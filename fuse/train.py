@@ -1,12 +1,20 @@
-"""The training loop: batches by index from cached tensors, validation recall each epoch, resumable runs."""
+"""The training loop: HADA-LAVIS's recipe on cached tensors, validation recall each epoch, resumable runs.
+
+Recipe (``Controller.train``/``train_epoch``): AdamW over every trainable tensor (temperature and w included),
+``CosineAnnealingWarmRestarts(T_0, T_mult, eta_min)`` stepped after every iteration with the fractional epoch
+``epoch + i / iterations``, validation rsum after every epoch, a new best only when it beats the old one by
+``min_improvement``, early stop after ``patience`` epochs without one. A last partial batch is dropped (the
+reference drops it on COCO; Flickr30k's 145,000 pairs have none at batch 40).
+"""
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -15,12 +23,15 @@ from data.errors import PipelineError
 from fuse import checkpoint
 from fuse.batch import gather_batch
 from fuse.config import FuseConfig
-from fuse.data import SplitFeatures, available_memory, load_split_features, open_stores
-from fuse.encode import encode_split, recall_of
-from fuse.model import HadaModel
+from fuse.data import (SplitFeatures, load_split_features, open_stores, place, plan_blocks, present_images,
+                       stored_views)
+from fuse.encode import encode_split, eval_batch_size, recall_of
+from fuse.model import HadaModel, build_model
 from fuse.plot import plot_curves
+from fuse.settings import settle_config
 
 log = logging.getLogger("pipeline.fuse")
+CHECK_EVERY = 50  # steps between reads of the device-side loss sums (the only host syncs of an epoch)
 
 
 def autocast(device: torch.device):
@@ -28,85 +39,63 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def build_model(dims: dict, cfg: FuseConfig) -> HadaModel:
-    return HadaModel(dims["image_tokens"], dims["image_embeds"], dims["text_tokens"], dims["text_embeds"],
-                     cfg.model_config())
+@dataclass
+class Batch:
+    """A step's positive pairs: caption rows of the split, their image rows, and which view of each image."""
+
+    block: int
+    captions: torch.Tensor
+    images: torch.Tensor
+    views: torch.Tensor
 
 
-def feature_dims(features: SplitFeatures) -> dict:
-    (it, ie), (tt, te) = features.image_dims, features.text_dims
-    return {"image_tokens": it, "image_embeds": ie, "text_tokens": tt, "text_embeds": te}
-
-
-def plan_blocks(stores, n_images: int, cfg: FuseConfig) -> list[tuple[int, int]]:
-    """One block (all in memory) when the features fit the budget, else contiguous image-id blocks to stream."""
-    need = sum(s.nbytes("images") + s.nbytes("texts") for s in stores)
-    budget = cfg.memory_gb * 1e9 if cfg.memory_gb else 0.7 * available_memory()
-    if need <= budget:
-        log.info("train features: %.2f GB, held in memory (budget %.2f GB)", need / 1e9, budget / 1e9)
-        return [(0, n_images)]
-    n_blocks = math.ceil(need / (0.5 * budget))  # half the budget per block leaves room for the next one
-    log.info("train features: %.2f GB exceed the memory budget of %.2f GB: streaming %d blocks of ~%d images, "
-             "shuffled by block and within each block", need / 1e9, budget / 1e9, n_blocks, math.ceil(n_images / n_blocks))
-    edges = [round(k * n_images / n_blocks) for k in range(n_blocks + 1)]
-    return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-
-
-def place(features: SplitFeatures, device: torch.device) -> SplitFeatures:
-    """Move the features into GPU memory when they take less than half of what is free there."""
-    if device.type != "cuda":
-        return features
-    need = sum(f.tokens.numel() * 2 + f.embeds.numel() * 4 for f in features.images + features.texts)
-    free, _ = torch.cuda.mem_get_info(device)
-    if need < 0.5 * free:
-        log.info("features (%.2f GB) moved to GPU memory", need / 1e9)
-        return features.to(device)
-    return features
+def epoch_plan(index, present: np.ndarray, blocks: list[tuple[int, int]], views: int, batch_size: int,
+               clean_prob: float, gen: torch.Generator) -> list[Batch]:
+    """Every positive pair of the train split once, shuffled (block order, then pairs within a block), in
+    batches; a block's last partial batch is dropped when the block has a full one. With cached views each
+    visit takes one of them uniformly (or the clean image with probability ``clean_prob``)."""
+    t2i = torch.from_numpy(index.text_to_image)
+    has_image = torch.zeros(len(index.images), dtype=torch.bool)
+    has_image[torch.from_numpy(present)] = True
+    plan = []
+    for b in torch.randperm(len(blocks), generator=gen).tolist():
+        lo, hi = (int(index.caption_offsets[x]) for x in blocks[b])
+        captions = torch.arange(lo, hi)
+        captions = captions[has_image[t2i[captions]]]
+        captions = captions[torch.randperm(len(captions), generator=gen)]
+        full = len(captions) // batch_size
+        for k in range(0, full * batch_size if full else len(captions), batch_size):
+            sel = captions[k:k + batch_size]
+            view = torch.zeros(len(sel), dtype=torch.long)
+            if views:
+                aug = torch.rand(len(sel), generator=gen) >= clean_prob
+                view = torch.where(aug, torch.randint(1, views + 1, (len(sel),), generator=gen), view)
+            plan.append(Batch(b, sel, t2i[sel], view))
+    return plan
 
 
 class Trainer:
-    """Owns the model, optimiser, schedule and RNG state of one run; one call of ``epoch`` per epoch."""
+    """Owns the model, optimiser, schedule and RNG state of one run."""
 
     def __init__(self, cfg: FuseConfig, model: HadaModel, device: torch.device):
         self.cfg, self.model, self.device = cfg, model.to(device), device
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.optimizer, T_0=cfg.t0, T_mult=cfg.t_mult)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+            self.optimizer, T_0=cfg.t0, T_mult=cfg.t_mult, eta_min=cfg.eta_min)
 
-    def batches(self, features: SplitFeatures, id_start: int, gen: torch.Generator):
-        """Shuffled positive pairs of one block as (image rows, caption rows, image ids)."""
-        index = features.index
-        t2i = torch.from_numpy(index.text_to_image)
-        first_caption = int(index.caption_offsets[id_start])
-        captions = first_caption + torch.arange(len(features.texts[0]))
-        images = t2i[captions]
-        table = features.row_table(id_start)
-        present = (images - id_start < len(table)) & (table[(images - id_start).clamp_max(len(table) - 1), 0] >= 0)
-        captions, images = captions[present], images[present]
-        order = torch.randperm(len(captions), generator=gen)
-        for k in range(0, len(order), self.cfg.batch_size):
-            sel = order[k:k + self.cfg.batch_size]
-            img = images[sel]
-            view = torch.zeros_like(img)
-            if features.views:  # a cached augmented view, or the clean image with probability clean_prob
-                aug = torch.rand(len(img), generator=gen) >= self.cfg.clean_prob
-                view = torch.where(aug, torch.randint(1, features.views + 1, (len(img),), generator=gen), view)
-            rows = table[img - id_start, view]
-            rows = torch.where(rows >= 0, rows, table[img - id_start, 0])
-            yield rows, captions[sel] - first_caption, img
-
-    def step(self, features: SplitFeatures, rows, caption_rows, image_ids) -> dict[str, float]:
+    def step(self, features: SplitFeatures, batch: Batch, id_start: int) -> dict[str, torch.Tensor]:
+        """One optimiser step; returns the losses as detached device tensors (no host sync)."""
+        rows = features.image_rows(batch.images, batch.views, id_start)
+        first_caption = int(features.index.caption_offsets[id_start])
         image_blocks = gather_batch(features.images, rows, self.device)
-        text_blocks = gather_batch(features.texts, caption_rows, self.device)
+        text_blocks = gather_batch(features.texts, batch.captions - first_caption, self.device)
         with autocast(self.device):
-            losses = self.model(image_blocks, text_blocks, image_ids.to(self.device))
-        if not torch.isfinite(losses["loss"]):
-            raise PipelineError(f"non-finite loss ({ {k: float(v.detach()) for k, v in losses.items()} }); stopped. "
-                                f"The last good checkpoint is kept; try a lower --lr")
+            losses = self.model(image_blocks, text_blocks, batch.images.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.optimizer.step()
-        return {k: float(v.detach()) for k, v in losses.items()}
+        return {k: v.detach() for k, v in losses.items()}
 
     def state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -121,54 +110,84 @@ class Trainer:
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
+    def init_from(self, state: dict, momentum: bool) -> None:
+        """HADA's stage two: the encoders and the ITM head from a finished run; temperature, w and queues as
+        new, and (as the reference) the momentum encoders left at this model's random initialisation unless
+        ``momentum``."""
+        parts = ("image_encoder.", "text_encoder.", "itm_head.")
+        weights = {k: v for k, v in state["model"].items() if k.startswith(parts)}
+        self.model.load_state_dict({**self.model.state_dict(), **weights})
+        if momentum:
+            self.model.copy_to_momentum()
+
 
 def run_dir_for(cfg: FuseConfig) -> Path:
     return Path(cfg.runs) / cfg.run_name
 
 
-def check_same_run(saved: dict, cfg: FuseConfig, versions: dict) -> None:
-    """Refuse to resume or initialise from a run with other backbones or split indexes."""
-    if saved["backbones"] != cfg.backbone_list:
-        raise PipelineError(f"the checkpoint was trained with backbones {','.join(saved['backbones'])}, "
-                            f"not {cfg.backbones}")
+def check_index_versions(saved: dict, versions: dict, what: str) -> None:
     for split, version in versions.items():
         if saved["index_versions"].get(split) != version:
-            raise PipelineError(f"the checkpoint's {split} split index ({saved['index_versions'].get(split)}) "
-                                f"differs from the cache's ({version})")
+            raise PipelineError(f"{what} was trained on {split} split index {saved['index_versions'].get(split)}, "
+                                f"but the cache's is {version}: the dataset changed since")
 
 
-def train(cfg: FuseConfig) -> dict:
-    """Train a run to ``cfg.epochs``; returns its summary. Checkpoints at the end of every epoch."""
+def train(cfg: FuseConfig, given: frozenset[str] | None = None) -> dict:
+    """Train a run to ``cfg.epochs``; returns its summary. Checkpoints at the end of every epoch.
+
+    ``given``: the options set on the command line (None: all); with ``--resume``/``--init`` the others take
+    the saved run's values (see ``fuse.settings``).
+    """
+    run_dir = run_dir_for(cfg) if not cfg.resume else Path(cfg.runs) / (cfg.run or "")
+    resumed = init = None
+    if cfg.resume:
+        if not cfg.run:
+            raise PipelineError("--resume needs --run NAME (the run to continue)")
+        resumed = checkpoint.load(run_dir / "last.pt", f"run {cfg.run!r} (--resume)")
+        cfg = settle_config(cfg, resumed["config"], given, "resume")
+    elif cfg.init:
+        init = checkpoint.load(Path(cfg.runs) / cfg.init / "best.pt", f"run {cfg.init!r} (--init)")
+        cfg = settle_config(cfg, init["config"], given, "init")
+        run_dir = run_dir_for(cfg)
     names = cfg.backbone_list
     if len(names) < 2 or len(set(names)) != len(names):
         raise PipelineError(f"--backbones {cfg.backbones!r}: name two or more different backbones, comma-separated")
+    if cfg.batch_size < 1 or cfg.epochs < 1:
+        raise PipelineError("--batch-size and --epochs must be at least 1")
+    if not resumed and (run_dir / "last.pt").exists():
+        raise PipelineError(f"run {run_dir} exists: pass --resume to continue it or --run NAME for a new one")
     device = pick_device(cfg.device)
     train_index, train_stores = open_stores(cfg.cache, cfg.dataset, "train", names)
     val_index, val_stores = open_stores(cfg.cache, cfg.dataset, "val", names)
     versions = {"train": train_index.version, "val": val_index.version}
+    for saved, what in ((resumed, f"run {cfg.run}"), (init, f"run {cfg.init}")):
+        if saved:
+            check_index_versions(saved, versions, what)
+    views = stored_views(train_stores)
+    if views == 0:
+        log.warning("the train stores hold no augmented views: training sees clean images only, while the "
+                    "reference augments every visit (extract the train split with --views K)")
     val = place(load_split_features(val_index, val_stores, views=False), device)
-    blocks = plan_blocks(train_stores, len(train_index.images), cfg)
+    blocks = plan_blocks(train_stores, len(train_index.images), cfg.memory_gb)
     whole = place(load_split_features(train_index, train_stores), device) if len(blocks) == 1 else None
-    dims = feature_dims(val)
+    present = present_images(train_stores, len(train_index.images))
+    dims = {"image_tokens": [f.width for f in val.images], "image_embeds": [f.embed_dim for f in val.images],
+            "text_tokens": [f.width for f in val.texts], "text_embeds": [f.embed_dim for f in val.texts]}
 
-    run_dir = run_dir_for(cfg)
     torch.manual_seed(cfg.seed)
-    trainer = Trainer(cfg, build_model(dims, cfg), device)
-    history, best, bad_epochs = [], -1.0, 0
-    if cfg.resume:
-        state = checkpoint.load(run_dir / "last.pt")
-        check_same_run(state, cfg, versions)
-        trainer.restore(state)
-        history, best, bad_epochs = state["history"], state["best_rsum"], state["bad_epochs"]
-        log.info("resuming %s after epoch %d (best rsum %.2f)", run_dir, len(history), best)
-    else:
-        if (run_dir / "last.pt").exists():
-            raise PipelineError(f"run {run_dir} exists: pass --resume to continue it or --run NAME for a new one")
-        if cfg.init:
-            state = checkpoint.load(Path(cfg.runs) / cfg.init / "best.pt")
-            check_same_run(state, cfg, versions)
-            missing = trainer.model.load_state_dict(state["model"], strict=False)
-            log.info("initialised from run %s (%s)", cfg.init, missing)
+    try:
+        trainer = Trainer(cfg, build_model(dims, cfg), device)
+    except ValueError as e:
+        raise PipelineError(str(e)) from None
+    history, best, best_epoch, bad_epochs = [], None, 0, 0
+    if resumed:
+        trainer.restore(resumed)
+        history, best, best_epoch, bad_epochs = (resumed["history"], resumed["best_rsum"], resumed["best_epoch"],
+                                                 resumed["bad_epochs"])
+        log.info("resuming %s after epoch %d (best rsum %.2f at epoch %d)", run_dir, len(history), best, best_epoch)
+    elif init:
+        trainer.init_from(init, cfg.init_momentum)
+        log.info("initialised from run %s (epoch %d): encoders and ITM head", cfg.init, init["epoch"])
     run_dir.mkdir(parents=True, exist_ok=True)
     meta = {"backbones": names, "dims": dims, "index_versions": versions, "config": cfg.to_dict()}
     checkpoint.write_config(run_dir, {**meta, "device": str(device), "torch": torch.__version__})
@@ -178,42 +197,60 @@ def train(cfg: FuseConfig) -> dict:
             log.info("early stop: no better validation rsum for %d epochs", bad_epochs)
             break
         t0 = time.perf_counter()
-        row = run_epoch(trainer, epoch, blocks, whole, train_index, train_stores, device)
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # same epoch, same order: resumable
+        plan = epoch_plan(train_index, present, blocks, views, cfg.batch_size, cfg.clean_prob, gen)
+        row = run_epoch(trainer, epoch, plan, blocks, whole, train_index, train_stores, device)
         trainer.model.eval()
-        row.update(recall_of(*encode_split(trainer.model, val, device), val))
+        row.update(recall_of(*encode_split(trainer.model, val, device, eval_batch_size(cfg)), val))
         row["seconds"] = round(time.perf_counter() - t0, 2)
         history.append(row)
-        improved = row["rsum"] > best
-        best, bad_epochs = (row["rsum"], 0) if improved else (best, bad_epochs + 1)
+        improved = best is None or row["rsum"] >= best + cfg.min_improvement
+        if improved:
+            best, best_epoch, bad_epochs = row["rsum"], epoch, 0
+        else:
+            bad_epochs += 1
         state = {**trainer.state(), **meta, "epoch": epoch, "history": history, "best_rsum": best,
-                 "bad_epochs": bad_epochs}
+                 "best_epoch": best_epoch, "bad_epochs": bad_epochs}
         if improved:
             checkpoint.save(run_dir / "best.pt", state)
         checkpoint.save(run_dir / "last.pt", state)
         checkpoint.write_metrics(run_dir / "metrics.jsonl", history)
         plot_curves(history, run_dir / "curves.png")
-        log.info("epoch %d: loss %.4f, val rsum %.2f%s (%.1f s)", epoch, row["loss"], row["rsum"],
-                 " (best)" if improved else "", row["seconds"])
-    return {"run": str(run_dir), "epochs": len(history), "best_rsum": best, "history": history}
+        log.info("epoch %d: loss %.4f, val rsum %.2f%s, lr %.2e (%.1f s)", epoch, row["loss"], row["rsum"],
+                 " (best)" if improved else "", row["lr"], row["seconds"])
+    return {"run": str(run_dir), "epochs": len(history), "best_rsum": best, "best_epoch": best_epoch,
+            "history": history, "config": cfg}
 
 
-def run_epoch(trainer: Trainer, epoch: int, blocks, whole, index, stores, device) -> dict:
-    """One pass over every positive pair of the train split; returns the epoch's mean losses."""
+def run_epoch(trainer: Trainer, epoch: int, plan: list[Batch], blocks, whole, index, stores, device) -> dict:
+    """One pass over the plan; the schedule steps after every iteration; returns the epoch's mean losses.
+
+    Losses are summed on the device and read every ``CHECK_EVERY`` steps (no host sync per step); a non-finite
+    loss stops the run at the next read, before anything of this epoch is saved.
+    """
     trainer.model.train()
-    gen = torch.Generator().manual_seed(trainer.cfg.seed * 100_003 + epoch)  # same epoch, same order: resumable
-    totals, n, t0 = {}, 0, time.perf_counter()
-    bar = tqdm(total=len(index.captions), desc=f"epoch {epoch}", unit="pair", dynamic_ncols=True, leave=False)
-    for b in torch.randperm(len(blocks), generator=gen).tolist():
-        a, z = blocks[b]
-        features = whole if whole is not None else place(load_split_features(index, stores, (a, z)), device)
-        for rows, captions, images in trainer.batches(features, a, gen):
-            losses = trainer.step(features, rows, captions, images)
-            for k, v in losses.items():
-                totals[k] = totals.get(k, 0.0) + v * len(rows)
-            n += len(rows)
-            bar.update(len(rows))
-            bar.set_postfix(loss=f"{losses['loss']:.3f}", pairs_s=f"{n / (time.perf_counter() - t0):.0f}")
+    totals, pairs, t0 = {}, 0, time.perf_counter()
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    bar = tqdm(total=sum(len(b.captions) for b in plan), desc=f"epoch {epoch}", unit="pair", dynamic_ncols=True,
+               leave=False)
+    loaded = (None, whole)
+    for i, batch in enumerate(plan):
+        if whole is None and loaded[0] != batch.block:
+            loaded = (batch.block, place(load_split_features(index, stores, blocks[batch.block]), device))
+        losses = trainer.step(loaded[1], batch, blocks[batch.block][0] if whole is None else 0)
+        trainer.scheduler.step(epoch - 1 + i / len(plan))
+        for k, v in losses.items():
+            totals[k] = totals.get(k, 0.0) + v * len(batch.captions)
+        finite &= torch.isfinite(losses["loss"])
+        pairs += len(batch.captions)
+        bar.update(len(batch.captions))
+        if (i + 1) % CHECK_EVERY == 0 or i + 1 == len(plan):
+            if not bool(finite):
+                bar.close()
+                raise PipelineError(f"non-finite loss in epoch {epoch}; stopped. The last good checkpoint is kept; "
+                                    f"try a lower --lr")
+            bar.set_postfix(loss=f"{float(totals['loss']) / pairs:.3f}")
     bar.close()
-    trainer.scheduler.step()
-    return {"epoch": epoch, **{k: v / max(n, 1) for k, v in totals.items()},
-            "lr": trainer.optimizer.param_groups[0]["lr"], "pairs_per_s": round(n / (time.perf_counter() - t0), 1)}
+    seconds = time.perf_counter() - t0
+    return {"epoch": epoch, **{k: float(v) / max(pairs, 1) for k, v in totals.items()},
+            "lr": trainer.optimizer.param_groups[0]["lr"], "pairs_per_s": round(pairs / seconds, 1)}

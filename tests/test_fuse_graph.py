@@ -1,13 +1,14 @@
-"""fuse.graph against hand-built HADA graphs, global-only vs full graph, PackedFeatures.gather."""
+"""fuse.graph against hand-built HADA graphs (bipartite and dense layouts, PyG's self-loops), and
+PackedFeatures.gather."""
 import pytest
 import torch
 from torch_geometric.nn import GATv2Conv
 
 from fuse.batch import NodeBlock, PackedFeatures, gather_batch
-from fuse.graph import EdgeWeights, build_full_graph, build_global_graph
+from fuse.config import EdgeWeights
+from fuse.graph import bipartite_graph, dense_graph, self_loop_weights
 
 W = EdgeWeights()
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,10 +19,10 @@ def edge_set(edge_index, edge_attr):
                   for (s, d), w in zip(edge_index.t().tolist(), edge_attr.view(-1).tolist()))
 
 
-def reference_edges(counts, undirected):
-    """HADA's rules, sample by sample with Python loops, mapped to the documented
-    backbone-major node order; an independent construction."""
-    counts = [list(c) for c in counts]
+def reference_edges(counts, weights=W):
+    """Edges into global nodes by HADA's rules, sample by sample with Python loops, as (source node in the
+    backbone-major order, target i * B + b, weight); self-loops weigh the mean of the other incoming edges
+    (PyG's fill_value='mean') unless the weights name one. An independent construction."""
     num_b, n = len(counts), len(counts[0])
     base = [0]
     for c in counts:
@@ -32,20 +33,19 @@ def reference_edges(counts, undirected):
 
     edges = []
     for i in range(n):
-        for b in range(num_b):
-            c_b = node(b, i, 0)
-            edges.append((c_b, c_b, W.self_loop))
-            for b2 in range(num_b):
-                if b2 != b:
-                    edges.append((c_b, node(b2, i, 0), W.global_global))
-            for r in range(1, counts[b][i]):
-                f = node(b, i, r)
-                edges.append((f, f, W.self_loop))
-                for b2 in range(num_b):
-                    w = W.token_own if b2 == b else W.token_other
-                    edges.append((f, node(b2, i, 0), w))
-                    if undirected:
-                        edges.append((node(b2, i, 0), f, w))
+        for t in range(num_b):
+            incoming = []
+            for b in range(num_b):
+                for r in range(counts[b][i]):
+                    if b == t and r == 0:
+                        continue
+                    w = (weights.global_global if r == 0 else
+                         weights.token_own if b == t else weights.token_other)
+                    incoming.append((node(b, i, r), i * num_b + t, w))
+            loop = weights.self_loop
+            if loop is None:
+                loop = sum(w for *_, w in incoming) / len(incoming) if incoming else 0.0
+            edges += incoming + [(node(t, i, 0), i * num_b + t, loop)]
     return sorted((s, d, round(w, 6)) for s, d, w in edges)
 
 
@@ -53,89 +53,84 @@ def as_counts(counts):
     return [torch.tensor(c, dtype=torch.long) for c in counts]
 
 
+def rows(counts):
+    return [sum(c) for c in counts]
+
+
 def test_two_backbones_literal():
     # Sample: backbone 0 has c0 + 2 tokens (nodes 0, 1, 2), backbone 1 only c1 (node 3).
-    ei, ea, layout = build_full_graph(as_counts([[3], [1]]), W, undirected=False)
+    ei, ea, glob = bipartite_graph(as_counts([[3], [1]]), W, [3, 1])
     expected = sorted([
-        (1, 0, 0.9), (2, 0, 0.9),  # tokens -> own global
-        (1, 3, 0.7), (2, 3, 0.7),  # tokens -> other global
-        (0, 3, 1.1), (3, 0, 1.1),  # global <-> global
-        (0, 0, 1.0), (1, 1, 1.0), (2, 2, 1.0), (3, 3, 1.0),  # self-loops
+        (1, 0, 0.9), (2, 0, 0.9),  # tokens -> own global (target 0 = c0)
+        (1, 1, 0.7), (2, 1, 0.7),  # tokens -> other global (target 1 = c1)
+        (3, 0, 1.1), (0, 1, 1.1),  # global <-> global
+        (0, 0, round((0.9 * 2 + 1.1) / 3, 6)), (3, 1, round((0.7 * 2 + 1.1) / 3, 6)),  # PyG mean self-loops
     ])
     assert edge_set(ei, ea) == expected
     assert ea.shape == (len(expected), 1) and ea.dtype == torch.float32
-    assert layout.global_index.tolist() == [[0, 3]] and layout.num_nodes == 4
-    ei, ea, _ = build_full_graph(as_counts([[3], [1]]), W, undirected=True)
-    reverse = [(0, 1, 0.9), (0, 2, 0.9), (3, 1, 0.7), (3, 2, 0.7)]  # global -> tokens
-    assert edge_set(ei, ea) == sorted(expected + reverse)
+    assert glob.tolist() == [[0, 3]]
 
 
-def test_three_backbones_literal():
-    # b0: c0=0, f=1; b1: c1=2, f=3, 4; b2: c2=5 (no tokens).
-    ei, ea, layout = build_full_graph(as_counts([[2], [3], [1]]), W)
-    g = {0: 0, 1: 2, 2: 5}
-    expected = [(n, n, 1.0) for n in range(6)]
-    expected += [(g[a], g[b], 1.1) for a in g for b in g if a != b]
-    expected += [(1, 0, 0.9), (1, 2, 0.7), (1, 5, 0.7)]
-    expected += [(t, 2, 0.9) for t in (3, 4)] + [(t, c, 0.7) for t in (3, 4) for c in (0, 5)]
-    assert edge_set(ei, ea) == sorted(expected)
-    assert layout.global_index.tolist() == [[0, 2, 5]]
-    assert layout.backbone_ptr == [0, 2, 5, 6]
+def test_self_loops_of_hada_lavis_shapes():
+    """BLIP 577 rows + one CLIP node: 0.9003 and 0.7007, as HADA.md derives; explicit weights as given."""
+    loops = self_loop_weights(as_counts([[577], [1]]), W)
+    assert loops.tolist()[0] == pytest.approx([(576 * 0.9 + 1.1) / 577, (576 * 0.7 + 1.1) / 577])
+    assert round(loops[0, 0].item(), 4) == 0.9003 and round(loops[0, 1].item(), 4) == 0.7007
+    assert self_loop_weights(as_counts([[1]]), W).tolist() == [[0.0]]  # no incoming edges: PyG gives 0
+    assert self_loop_weights(as_counts([[5], [2]]), EdgeWeights(self_loop=1.0)).tolist() == [[1.0, 1.0]]
 
 
-@pytest.mark.parametrize("undirected", [False, True])
+@pytest.mark.parametrize("weights", [W, EdgeWeights(0.1, 0.2, 0.3, 0.4)])
 @pytest.mark.parametrize("counts", [
     [[3, 1, 5, 2], [1, 1, 1, 1]],  # sample 1 has no token nodes at all
     [[2, 4, 1], [3, 1, 2], [1, 1, 1]],
     [[1], [1]],
 ])
-def test_batch_matches_reference(counts, undirected):
-    ei, ea, layout = build_full_graph(as_counts(counts), W, undirected=undirected)
-    assert edge_set(ei, ea) == reference_edges(counts, undirected)
+def test_bipartite_matches_reference(counts, weights):
+    ei, ea, glob = bipartite_graph(as_counts(counts), weights, rows(counts))
+    assert edge_set(ei, ea) == reference_edges(counts, weights)
+    starts = [[sum(rows(counts)[:b]) + sum(c[:i]) for b, c in enumerate(counts)] for i in range(len(counts[0]))]
+    assert glob.tolist() == starts
+
+
+@pytest.mark.parametrize("counts", [[[3, 1, 5, 2], [1, 1, 1, 1]], [[2, 4, 1], [3, 1, 2], [1, 1, 1]]])
+def test_dense_layout_holds_the_same_edges(counts):
     n, num_b = len(counts[0]), len(counts)
-    assert layout.num_nodes == sum(map(sum, counts))
-    assert layout.global_index.shape == (n, num_b)
-    expected_batch = [i for c in counts for i, k in enumerate(c) for _ in range(k)]
-    assert layout.batch.tolist() == expected_batch
-    # The bipartite graph: exactly the full graph's edges into global nodes.
-    gi, ga, glayout = build_global_graph(as_counts(counts), W)
-    targets = glayout.global_index.reshape(-1)
-    mapped = torch.stack([gi[0], targets[gi[1]]])
-    into_global = [e for e in reference_edges(counts, undirected) if e[1] in set(targets.tolist())]
-    assert edge_set(mapped, ga) == into_global
-    assert torch.equal(glayout.global_index, layout.global_index)
+    slots = max(sum(c[i] for c in counts) for i in range(n)) + 2  # spare padding
+    g = dense_graph(as_counts(counts), W, rows(counts), slots)
+    # Map each stacked row to its slot, then read the (N, B, S) table back as edges.
+    node_of_slot = {}
+    base = 0
+    for b, flat in enumerate(g.slots):
+        for r, slot in enumerate(flat.tolist()):
+            node_of_slot[slot] = base + r
+        base += rows(counts)[b]
+    assert g.mask.sum() == sum(rows(counts)) and len(node_of_slot) == sum(rows(counts))
+    edges = [(node_of_slot[i * slots + s], i * num_b + t, round(float(g.edge_attr[i, t, s]), 6))
+             for i in range(n) for t in range(num_b) for s in range(slots) if g.mask[i, s]]
+    assert sorted(edges) == reference_edges(counts)
+    assert (g.edge_attr[~g.mask.unsqueeze(1).expand_as(g.edge_attr)] == 0).all()
+    # Per sample: backbone 0's rows first, then backbone 1's, ...
+    for i in range(n):
+        assert g.global_slot[i].tolist() == [sum(c[i] for c in counts[:b]) for b in range(num_b)]
 
 
-def test_custom_weights_and_num_rows():
-    w = EdgeWeights(0.1, 0.2, 0.3, 0.4)
-    counts = as_counts([[2, 1], [1, 3]])
-    ei, ea, _ = build_full_graph(counts, w, num_rows=[3, 4])
-    ei2, ea2, _ = build_full_graph(counts, w)
-    assert edge_set(ei, ea) == edge_set(ei2, ea2)
-    assert {round(float(x), 6) for x in ea.view(-1)} == {0.1, 0.2, 0.3, 0.4}
-
-
-@pytest.mark.parametrize("undirected", [False, True])
-def test_global_only_equals_full_graph(undirected):
+def test_bipartite_conv_equals_pyg_on_each_samples_full_graph():
+    """GATv2 on the bipartite edges equals PyG's own self-loop handling on the whole per-sample graph."""
     torch.manual_seed(0)
-    counts = as_counts([[4, 1, 3, 2, 6], [1, 1, 1, 1, 1], [2, 3, 1, 1, 2]])
-    num_nodes = int(sum(c.sum() for c in counts))
-    x = torch.randn(num_nodes, 16)
-    conv = GATv2Conv(16, 8, heads=2, concat=True, edge_dim=1,
-                     add_self_loops=False, share_weights=False)
-    ei, ea, layout = build_full_graph(counts, W, undirected=undirected)
-    glob = layout.global_index.reshape(-1)
-    full = conv(x, ei, ea)[glob]
-    gi, ga, glayout = build_global_graph(counts, W)
-    fast = conv((x, x[glayout.global_index.reshape(-1)]), gi, ga)
-    assert fast.shape == (5 * 3, 16)
-    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
-    if undirected:  # token outputs do change, so the test above is not vacuous
-        directed, _, _ = build_full_graph(counts, W, undirected=False)
-        tokens = torch.ones(num_nodes, dtype=torch.bool)
-        tokens[glob] = False
-        assert not torch.allclose(conv(x, ei, ea)[tokens], conv(x, directed, build_full_graph(
-            counts, W)[1])[tokens])
+    counts = [[4, 1, 3], [1, 1, 1]]
+    x = torch.randn(sum(rows(counts)), 16)
+    conv = GATv2Conv(16, 8, heads=2, concat=True, edge_dim=1, add_self_loops=False)
+    ei, ea, glob = bipartite_graph(as_counts(counts), W, rows(counts))
+    fast = conv((x, x[glob.reshape(-1)]), ei, ea)
+    pyg = GATv2Conv(16, 8, heads=2, concat=True, edge_dim=1)  # add_self_loops=True, fill_value='mean'
+    pyg.load_state_dict(conv.state_dict())
+    # The full graph of the reference: listed self-loops of weight 1 (PyG replaces them), edges into globals.
+    full = [(s, int(glob.reshape(-1)[d]), w) for s, d, w in reference_edges(counts) if s != glob.reshape(-1)[d]]
+    full += [(v, v, 1.0) for v in range(len(x))]
+    index = torch.tensor([[s, d] for s, d, _ in full]).t()
+    want = pyg(x, index, torch.tensor([[w] for *_, w in full]))[glob.reshape(-1)]
+    torch.testing.assert_close(fast, want, rtol=1e-5, atol=1e-6)
 
 
 def test_gather_matches_loop():

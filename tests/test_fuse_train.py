@@ -95,7 +95,35 @@ def test_mismatches_are_refused_with_the_difference_named(demo_cache, tmp_path):
     fuse(demo_cache, tmp_path, "--epochs", 1, "--run", "x")
     out = run_cli("fuse", "--dataset", "demo", "--backbones", "clip-tiny,blip-tiny", "--cache", cache, "--runs",
                   tmp_path, *TINY_FUSE, "--run", "x", "--resume", "--epochs", 2, expect=2).output
-    assert "trained with backbones blip-tiny,clip-tiny" in out
+    assert out.count("\n") == 1 and "--backbones: the run resumed has 'blip-tiny,clip-tiny', now 'clip-tiny,blip-tiny'" in out
+    for flag, value, saved in (("--width", 32, 64), ("--dropout", 0.2, 0.1), ("--queue-size", 64, 512),
+                               ("--w-global", 1.0, 1.1), ("--batch-size", 16, 64), ("--reference-bug", None, False)):
+        args = (flag,) if value is None else (flag, value)
+        out = run_cli("fuse", "--cache", cache, "--runs", tmp_path, "--run", "x", "--resume", "--epochs", 2, *args,
+                      expect=2).output
+        assert out.startswith(f"Error: {flag}: the run resumed has {saved!r}") and out.count("\n") == 1, out
+    assert not (tmp_path / "x" / "metrics.jsonl").read_text().count("\n") > 1  # nothing trained meanwhile
+
+
+def test_resume_and_init_adopt_the_saved_settings_and_say_so(demo_cache, tmp_path, caplog):
+    import logging
+
+    _, cache = demo_cache
+    fuse(demo_cache, tmp_path, "--epochs", 1, "--run", "a")
+    with caplog.at_level(logging.INFO, logger="pipeline.fuse"):
+        run_cli("fuse", "--cache", cache, "--runs", tmp_path, "--run", "a", "--resume", "--epochs", 2)
+    assert "keeping the saved run's" in caplog.text and "--width 64" in caplog.text
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["config"]["model"]["width"] == 64
+    assert len(metrics(tmp_path / "a")) == 2
+    # A second stage may change its recipe, not the shapes of the weights it loads.
+    out = run_cli("fuse", "--cache", cache, "--runs", tmp_path, "--init", "a", "--weighted", "--run", "b",
+                  "--width", 32, expect=2).output
+    assert "--width: the run loaded with --init has 64, now 32" in out
+    run_cli("fuse", "--cache", cache, "--runs", tmp_path, "--init", "a", "--weighted", "--run", "b", "--epochs", 1,
+            "--lr", 1e-4)
+    saved = json.loads((tmp_path / "b" / "config.json").read_text())["config"]
+    assert saved["model"]["width"] == 64 and saved["model"]["weighted"] and saved["lr"] == 1e-4
+    assert saved["dataset"] == "demo" and saved["backbones"] == "blip-tiny,clip-tiny"
 
 
 def test_index_version_mismatch_is_refused(demo_cache, tmp_path):
@@ -119,9 +147,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_cache, tm
     from fuse.config import FuseConfig
 
     _, cache = demo_cache
+    from data.options import from_options
+
     cfg = dict(dataset="demo", backbones="blip-tiny,clip-tiny", cache=str(cache), runs=str(tmp_path), run="nan",
                width=64, embed_dim=64, queue_size=512, batch_size=64)
-    train_module.train(FuseConfig(epochs=1, **cfg))
+    train_module.train(from_options(FuseConfig, {"epochs": 1, **cfg}))
     good = (tmp_path / "nan" / "last.pt").read_bytes()
     original = train_module.HadaModel.forward
 
@@ -131,7 +161,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_cache, tm
 
     monkeypatch.setattr(train_module.HadaModel, "forward", poisoned)
     with pytest.raises(PipelineError, match="non-finite loss"):
-        train_module.train(FuseConfig(epochs=2, resume=True, **cfg))
+        train_module.train(from_options(FuseConfig, {"epochs": 2, "resume": True, **cfg}))
     assert (tmp_path / "nan" / "last.pt").read_bytes() == good
 
 
