@@ -80,7 +80,7 @@ def reference_state_to_model(state: dict) -> dict:
     out.update(_mapped(state["discriminator"], DISCRIMINATOR_KEYS, "discriminator"))
     out["temp"] = torch.as_tensor(state["temp_para"], dtype=torch.float32).reshape(())
     weight = state.get("weight_1", 0)
-    out["w"] = torch.as_tensor(float(weight) if torch.is_tensor(weight) else ModelConfig.weight_init,
+    out["w"] = torch.as_tensor(float(weight.detach()) if torch.is_tensor(weight) else ModelConfig.weight_init,
                                dtype=torch.float32).reshape(())
     return out
 

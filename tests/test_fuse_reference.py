@@ -159,3 +159,150 @@ def test_learning_rate_sequence_equals_the_reference(monkeypatch):
         train_module.run_epoch(trainer, epoch, plan, [(0, 1)], object(), None, None, torch.device("cpu"))
     np.testing.assert_allclose(seen, reference_lrs(1e-3, 2, 2, 1e-5, 4, 5), rtol=1e-9)
     assert min(seen) < 1e-4 and seen.count(1e-3) >= 2  # it reached the bottom and restarted
+
+
+def test_second_stage_loads_encoders_and_itm_head_only():
+    """As HADA-LAVIS's load_model(weight_only=True): temperature, w and queues start afresh; the momentum
+    encoders stay at the new model's random initialisation (unless --init-momentum)."""
+    from fuse.config import FuseConfig
+    from fuse.train import Trainer
+
+    cfg = ModelConfig(width=WIDTH, heads=HEADS, embed_dim=EMBED, queue_size=8)
+    dims = ([D, D], [E1, E2], [D, D], [E1, E2])
+    torch.manual_seed(1)
+    first = HadaModel(*dims, cfg)
+    with torch.no_grad():
+        first.temp.fill_(0.03)
+        first.idx_queue.fill_(5)
+        first.image_queue.zero_()
+    stage_one = {"model": first.state_dict()}
+    for momentum in (False, True):
+        torch.manual_seed(2)
+        second = HadaModel(*dims, ModelConfig(**{**cfg.to_dict(), "weighted": True}))
+        fresh = {k: v.clone() for k, v in second.image_encoder.state_dict().items()}
+        trainer = Trainer(FuseConfig(), second, torch.device("cpu"))
+        trainer.init_from(stage_one, momentum)
+        for k, v in first.image_encoder.state_dict().items():
+            assert torch.equal(second.image_encoder.state_dict()[k], v)
+        assert torch.equal(second.itm_head.linear.weight, first.itm_head.linear.weight)
+        assert second.temp.item() == pytest.approx(0.07) and second.w.item() == pytest.approx(0.5)
+        assert (second.idx_queue == -100).all() and second.image_queue.norm(dim=0).sub(1).abs().max() < 1e-5
+        momentum_weights = second.image_encoder_m.state_dict()
+        source = first.image_encoder.state_dict() if momentum else fresh
+        assert all(torch.equal(momentum_weights[k], source[k]) for k in source)
+
+
+def synthetic_cache(cache, dataset="syn", n_images=45, caps=5, seed=0):
+    """val and test splits of two stored backbones with equal node widths (as BLIP and CLIP ViT-L, 768):
+    backbone a with ragged token rows, backbone b one global node per sample."""
+    from data.index import SplitIndex, store_index
+    from data.store import FeatureStore, ShardData, write_shard
+
+    rng = np.random.default_rng(seed)
+    for split in ("val", "test"):
+        index = SplitIndex.from_samples(dataset, split, [(f"{split}_{i}.jpg", [f"c {i} {k}" for k in range(caps)])
+                                                         for i in range(n_images)])
+        store_index(index, cache)
+        for name, embed, rows in (("a", E1, (5, 9)), ("b", E2, (1, 1))):
+            store = FeatureStore.at(cache, dataset, split, name)
+            manifest = store.claim({"backbone": name, "index_version": index.version})
+            for kind, n in (("images", n_images), ("texts", n_images * caps)):
+                counts = rng.integers(rows[0], rows[1] + 1, n)
+                raw = rng.normal(size=(n, embed)).astype(np.float32)
+                norms = np.linalg.norm(raw, axis=1)
+                data = ShardData(ids=np.arange(n), embeds=raw / norms[:, None], norms=norms,
+                                 offsets=np.concatenate([[0], np.cumsum(counts)]),
+                                 tokens=rng.normal(size=(counts.sum(), D)).astype(np.float16))
+                write_shard(store.root / f"{kind}-00000.h5", data, {"kind": kind})
+            manifest.update(shards={"images": ["images-00000.h5"], "texts": ["texts-00000.h5"]}, bad_images=[])
+            store.finish(manifest)
+    return cache
+
+
+def oracle_recall(img: ref.MH, cap: ref.MH, cache, bug: bool, w: float | None, batch: int = 20) -> dict:
+    """The reference's evaluation: encode in split-index order, batches of 20, score (1 - w) fused + w BLIP."""
+    from data.index import SplitIndex, index_path
+    from data.store import FeatureStore
+    from evaluate import retrieval_recall
+
+    index = SplitIndex.load(index_path(cache, "syn", "test"))
+    embs = {}
+    for kind, model in (("images", img), ("texts", cap)):
+        a, b = (FeatureStore.at(cache, "syn", "test", n).load(kind) for n in ("a", "b"))
+        out, first = [], []
+        for k in range(0, len(a), batch):
+            rows = range(k, min(k + batch, len(a)))
+            x1 = torch.cat([torch.from_numpy(a.tokens[a.offsets[r]:a.offsets[r + 1]]).float() for r in rows])
+            x2 = torch.cat([torch.from_numpy(b.tokens[b.offsets[r]:b.offsets[r + 1]]).float() for r in rows])
+            n1 = torch.tensor([a.offsets[r + 1] - a.offsets[r] for r in rows])
+            e1 = torch.from_numpy(a.raw_embeds[list(rows)]).float()
+            e2 = torch.from_numpy(b.raw_embeds[list(rows)]).float()
+            out.append(model(x1, x2, n1, torch.ones(len(rows), dtype=torch.long), e1, e2, bug=bug))
+            first.append(torch.nn.functional.normalize(e1, dim=1))
+        embs[kind] = (torch.cat(out), torch.cat(first))
+    (fi, bi), (ft, bt) = embs["images"], embs["texts"]
+    sims = fi @ ft.T if w is None else (1 - w) * (fi @ ft.T) + w * (bi @ bt.T)
+    return retrieval_recall(sims, index.text_to_image)
+
+
+@pytest.mark.parametrize("bug,weighted", [(True, True), (False, False)])
+def test_reference_checkpoint_round_trips_to_the_oracles_recall(tmp_path, bug, weighted):
+    """A checkpoint in HADA-LAVIS's key layout -> `pipeline import-hada` -> `pipeline score`: the hada row is
+    the oracle's recall, computed the reference's way from the same weights."""
+    import json
+
+    from conftest import run_cli
+
+    cache, runs = synthetic_cache(tmp_path / "cache"), tmp_path / "runs"
+    torch.manual_seed(3)
+    img, cap = ref.MH(D, D, E1, E2, WIDTH, HEADS, EMBED), ref.MH(D, D, E1, E2, WIDTH, HEADS, EMBED)
+    for p in [*img.parameters(), *cap.parameters()]:
+        torch.nn.init.normal_(p, std=0.5)
+    weight_1 = torch.nn.Parameter(torch.tensor(0.3)) if weighted else 0
+    path = tmp_path / "best.pth.tar"
+    torch.save(ref.reference_checkpoint(img, cap, ref.Discriminator(EMBED), 0.05, weight_1), path)
+    flags = () if bug else ("--no-reference-bug",)
+    run_cli("import-hada", path, "--dataset", "syn", "--backbones", "a,b", "--run", "imp", "--cache", cache,
+            "--runs", runs, *flags)
+    run_cli("score", "--dataset", "syn", "--run", "imp", "--cache", cache, "--runs", runs, "--json",
+            tmp_path / "s.json")
+    doc = json.loads((tmp_path / "s.json").read_text())
+    hada = next(r for r in doc["rows"] if r["method"] == "hada")
+    with torch.no_grad():
+        want = oracle_recall(img.eval(), cap.eval(), cache, bug, 0.3 if weighted else None)
+    assert hada["rsum"] == pytest.approx(want["rsum"], abs=1e-6)
+    assert {k: round(v, 6) for k, v in hada.items() if k != "method"} == {k: round(v, 6) for k, v in want.items()}
+    assert doc["fusion"]["config"]["model"]["reference_bug"] is bug and doc["fusion"]["best_epoch"] == 7
+    # The other encoding would give another table: the bug and the weighting are really in play.
+    with torch.no_grad():
+        assert oracle_recall(img, cap, cache, not bug, 0.3 if weighted else None)["rsum"] != want["rsum"]
+
+
+def test_import_refuses_bad_checkpoints_and_writes_nothing(tmp_path):
+    from conftest import run_cli
+
+    cache, runs = synthetic_cache(tmp_path / "cache"), tmp_path / "runs"
+    img, cap = ref.MH(D, D, E1, E2, WIDTH, HEADS, EMBED), ref.MH(D, D, E1, E2, WIDTH, HEADS, EMBED)
+    good = ref.reference_checkpoint(img, cap, ref.Discriminator(EMBED), 0.05, 0)
+
+    def attempt(state, *extra, backbones="a,b"):
+        path = tmp_path / "c.pth.tar"
+        torch.save(state, path)
+        out = run_cli("import-hada", path, "--dataset", "syn", "--backbones", backbones, "--run", "r", "--cache",
+                      cache, "--runs", runs, *extra, expect=2).output
+        assert not (runs / "r").exists() and out.count("\n") == 1, out
+        return out
+
+    extra_key = {**good, "img_encoder": {**good["img_encoder"], "enc.gcn.gcn.norm.0.weight": torch.ones(3)}}
+    assert "unknown keys ['enc.gcn.gcn.norm.0.weight']" in attempt(extra_key)
+    missing = {**good, "cap_encoder": {k: v for k, v in good["cap_encoder"].items() if "lin_edge" not in k}}
+    assert "cap_encoder: missing keys ['enc.gcn.gcn.conv.0.lin_edge.weight']" in attempt(missing)
+    wide = ref.MH(D + 2, D + 2, E1, E2, WIDTH, HEADS, EMBED)
+    assert "node widths: checkpoint [14, 14], stores [12, 12]" in attempt(
+        ref.reference_checkpoint(wide, wide, ref.Discriminator(EMBED), 0.05, 0))
+    assert "exactly two backbones" in attempt(good, backbones="a")
+    assert "no val or test split" in attempt(good, backbones="a,zz")
+    assert "not a HADA-LAVIS checkpoint" in attempt({"model": {}})
+    import datetime
+
+    assert "cannot be loaded safely" in attempt({**good, "saved": datetime.date(2023, 1, 1)})
