@@ -1,10 +1,11 @@
 """Reader: image rows of a split -> decoded, preprocessed tensors, in parallel DataLoader workers."""
 from __future__ import annotations
 
-import random
 import warnings
+import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageFile
 
@@ -25,17 +26,20 @@ def load_rgb(path: Path) -> Image.Image:
             return img.convert("RGB")
 
 
-def view_seed(seed: int, row: int, view: int) -> int:
-    """One seed per (image, view) so augmented views are identical on every rerun, whatever the worker."""
-    return (seed * 1_000_003 + row * 1_009 + view) % (2 ** 63)
+def view_rng(seed: int, row: int, view: int, backbone: str) -> np.random.Generator:
+    """One generator per (image, view, backbone): a view is identical on every rerun, whatever the worker or
+    thread, and each backbone's view k is augmented independently (the reference crops each backbone's input
+    on its own)."""
+    return np.random.default_rng([seed, row, view, zlib.crc32(backbone.encode())])
 
 
 class ImageRows(torch.utils.data.Dataset):
     """Items are (row, view, pixels or None, error or None); view 0 is the clean eval transform."""
 
-    def __init__(self, paths: list[Path], rows: list[int], views: int, eval_tf, train_tf, seed: int = 0):
+    def __init__(self, paths: list[Path], rows: list[int], views: int, eval_tf, train_tf, seed: int = 0,
+                 backbone: str = ""):
         self.paths, self.rows, self.views = paths, rows, views
-        self.eval_tf, self.train_tf, self.seed = eval_tf, train_tf, seed
+        self.eval_tf, self.train_tf, self.seed, self.backbone = eval_tf, train_tf, seed, backbone
 
     def __len__(self) -> int:
         return len(self.rows) * (self.views + 1)
@@ -49,10 +53,7 @@ class ImageRows(torch.utils.data.Dataset):
             return row, view, None, f"{self.paths[k]}: {type(e).__name__}: {e}"
         if view == 0:
             return row, view, self.eval_tf(image), None
-        s = view_seed(self.seed, row, view)
-        torch.manual_seed(s)
-        random.seed(s)
-        return row, view, self.train_tf(image), None
+        return row, view, self.train_tf(image, view_rng(self.seed, row, view, self.backbone)), None
 
 
 def collate(items):

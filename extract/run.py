@@ -16,7 +16,8 @@ from extract.config import ExtractConfig
 from extract.shard import PRECISIONS, ShardJob, load_backbone, pick_device, run_shard
 
 log = logging.getLogger("pipeline.extract")
-VERSION_KEYS = ("transformers", "open_clip", "torch")  # recorded in shards, but not a reason to refuse a store
+VERSION_KEYS = ("transformers", "open_clip", "torch")
+AUGMENTATION = "hada-lavis-v1"  # extract.augment's recipe; bump when views would come out differently  # recorded in shards, but not a reason to refuse a store
 
 
 class Progress:
@@ -65,7 +66,8 @@ def fingerprint(cfg: ExtractConfig, backbone, index_version: str) -> dict:
     """Everything that changes the stored features: a store made with a different one is refused."""
     desc = {k: v for k, v in backbone.describe().items() if k not in VERSION_KEYS}
     return {**desc, "precision": cfg.precision, "token_pool": cfg.token_pool, "views": cfg.views,
-            "view_seed": cfg.seed if cfg.views else 0, "index_version": index_version}
+            "view_seed": cfg.seed if cfg.views else 0,
+            "augmentation": AUGMENTATION if cfg.views else "", "index_version": index_version}
 
 
 def estimate_bytes(backbone, cfg: ExtractConfig, index) -> dict:

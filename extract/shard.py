@@ -99,7 +99,7 @@ def run_image_shard(job, backbone, paths, cfg, device, progress=None) -> tuple[S
     result = ShardResult(job)
     rows = list(range(job.start, job.stop))
     dataset = ImageRows([paths[r] for r in rows], rows, cfg.views, backbone.eval_transform(),
-                        backbone.train_transform() if cfg.views else None, cfg.seed)
+                        backbone.train_transform() if cfg.views else None, cfg.seed, backbone.name)
     packer = Packer()
     with torch.inference_mode():
         for ids, views, pixels, bad in image_loader(dataset, cfg.batch_size, cfg.workers):

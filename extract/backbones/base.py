@@ -5,6 +5,7 @@ import abc
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -50,8 +51,8 @@ class Backbone(abc.ABC):
         """PIL image -> normalised tensor, as the model was evaluated."""
 
     @abc.abstractmethod
-    def train_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """PIL image -> augmented tensor, as HADA trains (random resized crop, flip, RandAugment)."""
+    def train_transform(self) -> Callable[[Image.Image, np.random.Generator], torch.Tensor]:
+        """(PIL image, generator) -> augmented tensor, as HADA-LAVIS trains (extract.augment.TrainView)."""
 
     @abc.abstractmethod
     def tokenize(self, captions: list[str]) -> Tokenized: ...

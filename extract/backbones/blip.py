@@ -8,6 +8,7 @@ from transformers import AutoTokenizer, BertTokenizer, BlipConfig, BlipForImageT
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from data.errors import PipelineError
+from extract.augment import TrainView
 from extract.backbones import register
 from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized
 from extract.backbones.text import blip_clean
@@ -43,11 +44,9 @@ class Blip(Backbone):
         return PixelTransform(self.processor)
 
     def train_transform(self):
-        # HADA-LAVIS's BLIP training augmentation.
-        return T.Compose([
-            T.RandomResizedCrop(self.image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(), T.RandAugment(2, 5), T.ToTensor(),
-            T.Normalize(self.processor.image_mean, self.processor.image_std)])
+        # HADA-LAVIS's BLIP training augmentation (LAVIS blip_image_train): magnitude 5.
+        return TrainView(self.image_size, 5, T.Compose([
+            T.ToTensor(), T.Normalize(self.processor.image_mean, self.processor.image_std)]))
 
     def tokenize(self, captions: list[str]) -> Tokenized:
         ids = self.tokenizer([blip_clean(c) for c in captions], truncation=False)["input_ids"]

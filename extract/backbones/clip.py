@@ -5,9 +5,9 @@ from pathlib import Path
 
 import open_clip
 import torch
-from torchvision import transforms as T
 
 from data.errors import PipelineError
+from extract.augment import TrainView
 from extract.backbones import register
 from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized, missing_weights
 from extract.backbones.weights import hf_cached_file, hf_snapshot, looks_like_path
@@ -25,8 +25,6 @@ class Clip(Backbone):
         size = model.visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else size
         self.context_length = model.context_length
-        normalize = [t for t in preprocess.transforms if isinstance(t, T.Normalize)]
-        self.mean, self.std = (normalize[0].mean, normalize[0].std) if normalize else (None, None)
 
     @property
     def patch_grid(self) -> int:
@@ -36,10 +34,9 @@ class Clip(Backbone):
         return self.preprocess
 
     def train_transform(self):
-        # HADA-LAVIS's CLIP training augmentation (not open_clip's own, which crops less).
-        return T.Compose([
-            T.RandomResizedCrop(self.image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(), T.RandAugment(2, 7), T.ToTensor(), T.Normalize(self.mean, self.std)])
+        # HADA-LAVIS's CLIP training augmentation (not open_clip's own, which crops less): magnitude 7, then
+        # the eval transform, as the reference applies it to the augmented image.
+        return TrainView(self.image_size, 7, self.preprocess)
 
     def tokenize(self, captions: list[str]) -> Tokenized:
         # open_clip truncates silently to context_length (incl. start and end tokens): count it here.
