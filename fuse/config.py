@@ -89,6 +89,8 @@ class FuseConfig:
     init_momentum: bool = opt(False, "deviation: with --init, also start the momentum encoders from the loaded "
                                      "weights (the reference leaves them at their random initialisation)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = opt("fp32", "deviation: bf16 runs the GPU matmuls under bfloat16 autocast (similarities and "
+                                 "losses stay fp32); the reference trains in fp32", choices=("fp32", "bf16"))
     seed: int = opt(0, "seed of initialisation, shuffling, view choice, dropout and negatives")
     memory_gb: float | None = opt(None, "host memory for cached features (default 70% of available); "
                                         "more than this streams the train split in blocks")

@@ -34,9 +34,11 @@ log = logging.getLogger("pipeline.fuse")
 CHECK_EVERY = 50  # steps between reads of the device-side loss sums (the only host syncs of an epoch)
 
 
-def autocast(device: torch.device):
-    """bf16 mixed precision on GPU; plain fp32 on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+def autocast(device: torch.device, precision: str):
+    """bf16 mixed precision on a GPU when asked for; plain fp32 otherwise."""
+    if precision == "bf16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -90,7 +92,7 @@ class Trainer:
         first_caption = int(features.index.caption_offsets[id_start])
         image_blocks = gather_batch(features.images, rows, self.device)
         text_blocks = gather_batch(features.texts, batch.captions - first_caption, self.device)
-        with autocast(self.device):
+        with autocast(self.device, self.cfg.precision):
             losses = self.model(image_blocks, text_blocks, batch.images.to(self.device))
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
