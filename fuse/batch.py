@@ -63,6 +63,7 @@ class PackedFeatures:
             raise ValueError("offsets must start at 0 and end at tokens.size(0)")
         if off.numel() > 1 and bool((off[1:] - off[:-1] < 1).any()):
             raise ValueError("every sample needs at least one row (its global node)")
+        self.host_counts = off[1:] - off[:-1]  # rows per sample, on the host: batch sizes without a device sync
 
     @classmethod
     def from_samples(cls, tokens: Sequence[Tensor], embeds: Tensor) -> "PackedFeatures":
@@ -93,12 +94,17 @@ class PackedFeatures:
 
     def gather(self, idx: Tensor, device=None,
                dtype: torch.dtype = torch.float32) -> NodeBlock:
-        """The batch of samples ``idx`` (in that order) as a NodeBlock on ``device``."""
+        """The batch of samples ``idx`` (in that order) as a NodeBlock on ``device``.
+
+        No host synchronisation: the batch's row count comes from the host copy of the counts, and the row
+        indices are built where the features live.
+        """
         device = self.device if device is None else torch.device(device)
-        idx = torch.as_tensor(idx, dtype=torch.long, device=self.device).reshape(-1)
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        total = int(self.host_counts[idx.cpu()].sum())
+        idx = idx.to(self.device, non_blocking=True)
         starts = self.offsets[idx]
         counts = self.offsets[idx + 1] - starts
-        total = int(counts.sum())  # the output size; a sync is unavoidable here
         # Row r of the batch, belonging to batch sample k, is storage row
         # starts[k] + (r - first batch row of k).
         shift = starts - (counts.cumsum(0) - counts)
