@@ -71,10 +71,8 @@ def fingerprint(cfg: ExtractConfig, backbone, index_version: str) -> dict:
 def estimate_bytes(backbone, cfg: ExtractConfig, index) -> dict:
     """Disk estimate from the node counts and widths (float16 tokens, float32 embeddings, int64 ids/offsets)."""
     d = backbone.describe()
-    grid = backbone.patch_grid
-    pooled = -(-grid // cfg.token_pool) if grid else 0
-    image_rows = 1 + pooled * pooled
-    per_image = image_rows * d["image_token_dim"] * 2 + d["embed_dim"] * 4 + 4 + 16
+    embeds = (1 + backbone.queries_per_image) * d["embed_dim"] * 4  # embeds, and query_embeds where stored
+    per_image = backbone.image_rows(cfg.token_pool) * d["image_token_dim"] * 2 + embeds + 4 + 16
     text_rows = float(backbone.tokenize(list(index.captions[:512])).node_rows.float().mean())
     per_text = text_rows * d["text_token_dim"] * 2 + d["embed_dim"] * 4 + 4 + 16
     n_img = len(index.images) * (1 + cfg.views)
@@ -113,7 +111,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     log.info("split %s (index version %s)", index.describe(), index.version)
     backbone = load_backbone(cfg, pick_device(cfg.device))  # resolves weights first: fails fast, before any work
     estimate = estimate_bytes(backbone, cfg, index)
-    store = FeatureStore.at(cfg.cache, index.dataset, index.split, cfg.backbone)
+    store = FeatureStore.at(cfg.cache, index.dataset, index.split, cfg.store)
     jobs = plan(len(index.images), len(index.captions), cfg.shard_size)
     if cfg.dry_run:
         return {"dry_run": True, "store": str(store.root), "shards": len(jobs), "estimate": estimate,

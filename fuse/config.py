@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from data.backbone_spec import parse_specs
 from data.options import opt
 
 
 @dataclass(frozen=True)
 class FuseConfig:
     dataset: str = opt(None, "dataset name whose train and val caches to read", required=True)
-    backbones: str = opt(None, "comma-separated backbones, 2 or more (the first one is the weighted stage's)",
-                         required=True)
+    backbones: str = opt(None, "comma-separated backbone specs as extracted, 2 or more (the first one is the "
+                                "weighted stage's)", required=True)
     epochs: int = opt(20, "train up to this many epochs (early stopping may end sooner)")
     batch_size: int = opt(128, "positive (image, caption) pairs per step (HADA: 40)")
     lr: float = opt(1e-4, "AdamW learning rate")
@@ -46,7 +47,8 @@ class FuseConfig:
 
     @property
     def backbone_list(self) -> list[str]:
-        return [b.strip() for b in self.backbones.split(",") if b.strip()]
+        """The backbones' store names (a spec such as open_clip:<model>@<tag> maps to its store folder)."""
+        return [spec.store_name for spec in parse_specs(self.backbones)]
 
     @property
     def run_name(self) -> str:
