@@ -56,11 +56,12 @@ def load_hf_model(model_cls, folder: str, ref: str, flag: str = "--checkpoint"):
         raise PipelineError(f"{flag} {ref}: holds {held} of type {saved.get('model_type')!r}, "
                             f"not {model_cls.__name__} ({expected!r})")
     try:
-        model, info = model_cls.from_pretrained(folder, output_loading_info=True)
+        # Mismatched shapes are reported in `info` (and refused below, by name) rather than raised without them.
+        model, info = model_cls.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError, RuntimeError) as e:
         raise PipelineError(f"{flag} {ref}: could not load {model_cls.__name__} ({' '.join(str(e).split())[:300]})") from None
     bad = [k for k in [*info["missing_keys"], *info["unexpected_keys"]] if not k.endswith("position_ids")]
-    bad += [str(k) for k in info.get("mismatched_keys", [])]
+    bad += [k[0] if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", [])]
     if bad:  # random weights in place of missing ones would give silently wrong features
         raise PipelineError(f"{flag} {ref}: weights do not match {model_cls.__name__} "
                             f"({len(bad)} missing, unexpected or mismatched keys, e.g. {bad[:3]})")
