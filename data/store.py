@@ -46,6 +46,11 @@ class ShardData:
         return self.embeds * self.norms[:, None]
 
 
+def sample_bytes(node_rows: float, token_dim: int, embed_dim: int, query_rows: int = 0) -> int:
+    """Bytes one sample takes in a shard: float16 node rows, float32 embeds (and query_embeds), norm, id, offset."""
+    return int(node_rows * token_dim * 2 + (1 + query_rows) * embed_dim * 4 + 4 + 8 + 8)
+
+
 def shard_name(kind: str, number: int) -> str:
     return f"{kind}-{number:05d}.h5"
 

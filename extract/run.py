@@ -11,7 +11,7 @@ from tqdm import tqdm
 from data.datasets import load_split, resolve
 from data.errors import PipelineError
 from data.index import store_index
-from data.store import FeatureStore, read_shard_attrs, shard_is_complete
+from data.store import FeatureStore, read_shard_attrs, sample_bytes, shard_is_complete
 from extract.config import ExtractConfig
 from extract.shard import PRECISIONS, ShardJob, load_backbone, pick_device, run_shard
 
@@ -71,10 +71,10 @@ def fingerprint(cfg: ExtractConfig, backbone, index_version: str) -> dict:
 def estimate_bytes(backbone, cfg: ExtractConfig, index) -> dict:
     """Disk estimate from the node counts and widths (float16 tokens, float32 embeddings, int64 ids/offsets)."""
     d = backbone.describe()
-    embeds = (1 + backbone.queries_per_image) * d["embed_dim"] * 4  # embeds, and query_embeds where stored
-    per_image = backbone.image_rows(cfg.token_pool) * d["image_token_dim"] * 2 + embeds + 4 + 16
+    per_image = sample_bytes(backbone.image_rows(cfg.token_pool), d["image_token_dim"], d["embed_dim"],
+                             backbone.queries_per_image)
     text_rows = float(backbone.tokenize(list(index.captions[:512])).node_rows.float().mean())
-    per_text = text_rows * d["text_token_dim"] * 2 + d["embed_dim"] * 4 + 4 + 16
+    per_text = sample_bytes(text_rows, d["text_token_dim"], d["embed_dim"])
     n_img = len(index.images) * (1 + cfg.views)
     return {"bytes_per_image": int(per_image), "bytes_per_caption": int(per_text),
             "images": int(per_image * n_img), "texts": int(per_text * len(index.captions)),
