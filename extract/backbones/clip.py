@@ -86,7 +86,7 @@ def clip(options: BackboneOptions) -> Clip:
                        "@webli; @<tag, weights file or folder, hf-hub:id> (default: the model's first tag)",
           model=True, weights=True)
 def open_clip_model(options: BackboneOptions) -> Clip:
-    flag = f"open_clip:{options.model}"
+    flag = f"--backbone open_clip:{options.model}"
     source.model_config(options.model, flag)
     ref = options.checkpoint or options.weights or source.default_tag(options.model, flag)
     # A tag in the spec names what a --checkpoint file holds (its preprocessing and QuickGELU check).
@@ -96,7 +96,7 @@ def open_clip_model(options: BackboneOptions) -> Clip:
 
 
 def _open_clip(name: str, model_name: str, ref: str, tag: str | None, options: BackboneOptions) -> Clip:
-    flag = "--checkpoint" if name == "clip" else f"open_clip:{model_name}"
+    flag = "--checkpoint" if name == "clip" else f"--backbone open_clip:{model_name}"
     resolved = source.resolve(model_name, ref, options.download, flag, tag)
     model, preprocess, tokenizer = source.load(resolved, ref, flag)
     return Clip(name, model, preprocess, tokenizer, model_name, ref, options.tokens,
