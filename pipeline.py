@@ -61,11 +61,17 @@ def cli(verbose: bool) -> None:
 
 @cli.command()
 def backbones() -> None:
-    """List the registered backbones."""
+    """List the backbone families (spec syntax) and the open_clip model names with their pretrained tags."""
     from extract.backbones import available
+    from extract.backbones.clip import open_clip_models
 
-    for name, summary in available().items():
-        click.echo(f"{name:12s} {summary}")
+    specs = available()
+    width = max(map(len, specs))
+    for syntax, summary in specs.items():
+        click.echo(f"{syntax:{width}s}  {summary}")
+    click.echo("\nopen_clip models (open_clip:<model>[@<tag>]; no tag listed: name a local weights file or folder):")
+    for model, tags in open_clip_models().items():
+        click.echo(f"  {model}" + (f"  @{', @'.join(tags)}" if tags else ""))
 
 
 @cli.command()
@@ -180,23 +186,28 @@ DEMO_FUSE = dict(width=256, embed_dim=256, queue_size=4096, lr=5e-4, dropout=0.1
 @click.option("--runs", default="runs", show_default=True, help="folder for runs")
 @click.option("--epochs", default=10, show_default=True, help="fusion epochs")
 @click.option("--workers", default=2, show_default=True, help="JPEG decoding processes")
+@click.option("--backbones", default="blip-tiny,clip-tiny", show_default=True,
+              help="tiny backbones to extract and fuse (blip-tiny, clip-tiny, blip2-tiny)")
 @click.pass_context
-def demo(ctx, data_root: str, cache: str, runs: str, epochs: int, workers: int) -> None:
+def demo(ctx, data_root: str, cache: str, runs: str, epochs: int, workers: int, backbones: str) -> None:
     """The whole method on generated data with tiny random-initialised backbones: extract, fuse, score."""
     import time
 
+    from data.backbone_spec import parse_specs
     from data.demo import generate_demo
 
     t0 = time.perf_counter()
-    click.echo(f"[1/4] demo dataset in {data_root}/demo (generated once, then reused)")
+    names = [str(spec) for spec in run_stage(parse_specs, backbones)]
+    steps = len(names) + 2
+    click.echo(f"[1/{steps}] demo dataset in {data_root}/demo (generated once, then reused)")
     run_stage(generate_demo, data_root)
-    for step, backbone in enumerate(("blip-tiny", "clip-tiny"), start=2):
+    for step, backbone in enumerate(names, start=2):
         for split in ("train", "val", "test"):
-            click.echo(f"[{step}/4] extract {backbone} {split}")
+            click.echo(f"[{step}/{steps}] extract {backbone} {split}")
             ctx.invoke(extract, **{**_defaults(ExtractConfig), "backbone": backbone, "dataset": "demo", "split": split,
                                    "data_root": data_root, "cache": cache, "workers": workers, "batch_size": 128})
-    click.echo("[4/4] fuse blip-tiny + clip-tiny, then score the test split")
-    ctx.invoke(fuse, **{**_defaults(FuseConfig), "dataset": "demo", "backbones": "blip-tiny,clip-tiny",
+    click.echo(f"[{steps}/{steps}] fuse {' + '.join(names)}, then score the test split")
+    ctx.invoke(fuse, **{**_defaults(FuseConfig), "dataset": "demo", "backbones": ",".join(names),
                         "cache": cache, "runs": runs, "run": "demo", "epochs": epochs, **DEMO_FUSE,
                         "resume": (Path(runs) / "demo" / "last.pt").is_file()})
     ctx.invoke(score, **{**_defaults(ScoreConfig), "dataset": "demo", "cache": cache, "runs": runs, "run": "demo",

@@ -4,8 +4,11 @@ Layout: ``<cache>/<dataset>/<split>/<backbone>/{images,texts}-NNNNN.h5`` plus ``
 Every shard holds ``ids`` (int64 rows of the split index), optionally ``view`` (int8, 0 = clean
 image, k = k-th augmented view), ``embeds`` (N x D float32, L2-normalised retrieval embedding),
 ``norms`` (N float32, the norm before normalising), ``tokens`` (all rows' node features stacked,
-float16; row 0 of a sample is its global node) and ``offsets`` (N+1 int64). A shard is written
-under a temporary name and renamed when complete; its ``complete`` attribute is set last.
+float16; row 0 of a sample is its global node) and ``offsets`` (N+1 int64). Image shards of a backbone
+that scores with several embeddings per image (BLIP-2: one per Q-Former query) also hold the optional
+``query_embeds`` (N x Q x D float32, each row L2-normalised); the backbone-alone score is then the best
+query's cosine, while ``embeds``/``norms`` hold the one vector per sample that the fusion takes. A shard
+is written under a temporary name and renamed when complete; its ``complete`` attribute is set last.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ class ShardData:
     offsets: np.ndarray
     tokens: np.ndarray | None = None
     view: np.ndarray | None = None
+    query_embeds: np.ndarray | None = None  # N x Q x D, L2-normalised per query (optional: BLIP-2 images)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -40,6 +44,11 @@ class ShardData:
     def raw_embeds(self) -> np.ndarray:
         """The backbone's unnormalised projection (what HADA's output layer takes)."""
         return self.embeds * self.norms[:, None]
+
+
+def sample_bytes(node_rows: float, token_dim: int, embed_dim: int, query_rows: int = 0) -> int:
+    """Bytes one sample takes in a shard: float16 node rows, float32 embeds (and query_embeds), norm, id, offset."""
+    return int(node_rows * token_dim * 2 + (1 + query_rows) * embed_dim * 4 + 4 + 8 + 8)
 
 
 def shard_name(kind: str, number: int) -> str:
@@ -68,6 +77,8 @@ def write_shard(path: Path, data: ShardData, attrs: dict) -> int:
                 f.create_dataset("view", data=data.view.astype(np.int8))
             f.create_dataset("embeds", data=data.embeds.astype(np.float32))
             f.create_dataset("norms", data=data.norms.astype(np.float32))
+            if data.query_embeds is not None:
+                f.create_dataset("query_embeds", data=data.query_embeds.astype(np.float32))
             f.create_dataset("offsets", data=data.offsets.astype(np.int64))
             tokens = data.tokens if data.tokens is not None else np.zeros((0, 0), np.float16)
             f.create_dataset("tokens", data=tokens.astype(np.float16), chunks=True if len(tokens) else None)
@@ -149,8 +160,11 @@ class FeatureStore:
             raise PipelineError(f"the store at {self.root} is incomplete: rerun `pipeline extract` to finish it")
         return [self.root / name for name in manifest["shards"][kind]]
 
-    def load(self, kind: str, tokens: bool = True, id_range: tuple[int, int] | None = None) -> ShardData:
+    def load(self, kind: str, tokens: bool = True, id_range: tuple[int, int] | None = None,
+             queries: bool = False) -> ShardData:
         """Rows of one kind in split-index order; ``id_range=(a, b)`` keeps rows with a <= id < b.
+
+        ``queries=True`` also reads ``query_embeds`` where the shards have them.
 
         Reads straight into preallocated arrays, so peak memory is the result itself (no concatenation).
         """
@@ -172,11 +186,13 @@ class FeatureStore:
             raise PipelineError(f"{self.root}: no {kind} rows" + (f" with ids in {id_range}" if id_range else ""))
         with h5py.File(plan[0][0], "r") as f:
             dims, width, has_view = f["embeds"].shape[1], f["tokens"].shape[1], "view" in f
+            query_shape = f["query_embeds"].shape[1:] if queries and "query_embeds" in f else None
         n, t = sum(p[2] - p[1] for p in plan), sum(p[4] - p[3] for p in plan)
         out = ShardData(ids=np.empty(n, np.int64), embeds=np.empty((n, dims), np.float32),
                         norms=np.empty(n, np.float32), offsets=np.zeros(n + 1, np.int64),
                         tokens=np.empty((t, width), np.float16) if tokens else None,
-                        view=np.empty(n, np.int8) if has_view else None)
+                        view=np.empty(n, np.int8) if has_view else None,
+                        query_embeds=np.empty((n, *query_shape), np.float32) if query_shape else None)
         row = tok = 0
         for path, lo, hi, tlo, thi in plan:
             with h5py.File(path, "r") as f:
@@ -187,6 +203,8 @@ class FeatureStore:
                 out.offsets[row + 1:row + m + 1] = f["offsets"][lo + 1:hi + 1] - tlo + tok
                 if out.view is not None:
                     out.view[row:row + m] = f["view"][lo:hi]
+                if out.query_embeds is not None:
+                    out.query_embeds[row:row + m] = f["query_embeds"][lo:hi]
                 if tokens and thi > tlo:
                     f["tokens"].read_direct(out.tokens, np.s_[tlo:thi], np.s_[tok:tok + thi - tlo])
                 row, tok = row + m, tok + thi - tlo

@@ -30,10 +30,18 @@ class Embeddings:
     images: torch.Tensor
     texts: torch.Tensor
     random_init: bool = False
+    queries: torch.Tensor | None = None  # N x Q x D per-query image embeddings (BLIP-2): scored by the best query
 
-    def restrict(self, ids: np.ndarray) -> torch.Tensor:
-        """Image rows for ``ids`` (all present here), in that order."""
-        return self.images[torch.from_numpy(np.searchsorted(self.image_ids, ids))]
+    def similarities(self, ids: np.ndarray | None = None) -> torch.Tensor:
+        """images x captions scores as the backbone ranks: cosine, or the best query's cosine where stored."""
+        rows = torch.arange(len(self.image_ids)) if ids is None else torch.from_numpy(np.searchsorted(self.image_ids, ids))
+        if self.queries is None:
+            return self.images[rows] @ self.texts.T
+        queries = self.queries[rows]
+        sims = queries[:, 0] @ self.texts.T
+        for q in range(1, queries.shape[1]):  # one query at a time: memory stays images x captions
+            sims = torch.maximum(sims, queries[:, q] @ self.texts.T)
+        return sims
 
 
 def read_embeddings(store: FeatureStore, name: str, index: SplitIndex) -> Embeddings:
@@ -43,13 +51,14 @@ def read_embeddings(store: FeatureStore, name: str, index: SplitIndex) -> Embedd
     if version != index.version:
         raise PipelineError(f"{store.root} was made from split index version {version}, but the cache's "
                             f"{index.dataset}/{index.split} index is version {index.version}: re-extract or re-encode it")
-    images, texts = store.load("images", tokens=False), store.load("texts", tokens=False)
+    images, texts = store.load("images", tokens=False, queries=True), store.load("texts", tokens=False)
     clean = images.view == 0 if images.view is not None else np.ones(len(images), bool)
+    queries = torch.from_numpy(images.query_embeds[clean]) if images.query_embeds is not None else None
     if len(texts) != len(index.captions):
         raise PipelineError(f"{store.root} holds {len(texts)} captions, the split index {len(index.captions)}")
     random_init = str(manifest["fingerprint"].get("checkpoint", "")).startswith("random-init")
     return Embeddings(name, images.ids[clean], torch.from_numpy(images.embeds[clean]), torch.from_numpy(texts.embeds),
-                      random_init)
+                      random_init, queries)
 
 
 def backbone_names(cache: str, dataset: str, split: str) -> list[str]:
@@ -120,14 +129,17 @@ class Scorer:
         self.curves[method] = {"i2t": recall_curve(i2t).tolist(), "t2i": recall_curve(t2i).tolist()}
 
     def plain(self, emb: Embeddings) -> None:
-        """Block by block from the embeddings: memory stays bounded whatever the split's size."""
+        """Block by block from the embeddings (memory bounded whatever the split's size); per-query ones whole."""
         cov = self.split.coverage(emb.image_ids)
+        if emb.queries is not None:
+            self.add(emb.name, *cov.expand(*retrieval_ranks(emb.similarities(), cov.local_t2i)))
+            return
         self.add(emb.name, *cov.expand(*retrieval_ranks_from_embeddings(emb.images, emb.texts, cov.local_t2i)))
 
     def late_fusion(self, backbones: list[Embeddings], weights, method: str = "late-fusion") -> None:
         ids = self.split.common_ids(backbones)
         cov = self.split.coverage(ids)
-        sims = [e.restrict(ids) @ e.texts.T for e in backbones]
+        sims = [e.similarities(ids) for e in backbones]
         self.add(method, *cov.expand(*late_fusion_ranks(sims, weights, cov.local_t2i)))
 
     def rerank(self, emb: Embeddings, bank: Embeddings, alpha: float) -> None:
@@ -142,7 +154,7 @@ def tuned_late_fusion_weights(val: SplitEmbeddings, names: list[str]) -> tuple[f
     """Late-fusion weights with the best val rsum (grid step 0.1 on the simplex)."""
     backbones = [e for e in val.methods if e.name in names]
     ids = val.common_ids(backbones)
-    return tune_weights([e.restrict(ids) @ e.texts.T for e in backbones], val.coverage(ids).local_t2i)
+    return tune_weights([e.similarities(ids) for e in backbones], val.coverage(ids).local_t2i)
 
 
 def tuned_alpha(val: SplitEmbeddings | None, emb_name: str, bank: Embeddings) -> float:

@@ -3,21 +3,27 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from data.backbone_spec import store_name
 from data.options import opt
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    backbone: str = opt(None, "backbone name (see `pipeline backbones`)", required=True)
+    backbone: str = opt(None, "backbone spec: blip, clip, blip2[@HF id or folder], open_clip:<model>[@tag, file, "
+                              "folder or hf-hub:id], or a tiny test backbone (see `pipeline backbones`)", required=True)
     dataset: str = opt(None, "flickr30k, coco or demo (or any name with --annotations)", required=True)
     split: str = opt("test", "train, val, test or all", choices=("train", "val", "test", "all"))
     data_root: str = opt("datasets", "folder holding <dataset>/dataset_<dataset>.json and <dataset>/images/")
     cache: str = opt("cache", "feature cache folder")
     annotations: str | None = opt(None, "a LAVIS/ALBEF or Karpathy annotation file instead of the data-root layout")
     images: str | None = opt(None, "image folder the --annotations paths are relative to")
-    checkpoint: str | None = opt(None, "weights: HF id or local folder (BLIP); pretrained tag, file or hf-hub: id (CLIP)")
-    model: str | None = opt(None, "open_clip model name (CLIP only; default ViT-L-14-336-quickgelu)")
-    clip_tokens: bool = opt(False, "store CLIP's projected patch tokens as graph nodes, not only its global node")
+    checkpoint: str | None = opt(None, "where the weights are read from (overrides the spec's @weights; the store keeps "
+                                       "the spec's name): HF id or folder (BLIP, BLIP-2); tag, file, folder or "
+                                       "hf-hub:id (open_clip)")
+    model: str | None = opt(None, "open_clip model name for the `clip` store (default ViT-L-14-336-quickgelu); "
+                                  "prefer --backbone open_clip:<model>, which gets its own store")
+    clip_tokens: bool = opt(False, "store an open_clip ViT's projected patch tokens (CLIP, SigLIP, EVA) as graph nodes, "
+                                   "not only its global node")
     download: bool = opt(False, "allow fetching weights from the Hugging Face Hub (default: local files only)")
     batch_size: int = opt(32, "images or captions per forward pass")
     shard_size: int = opt(4096, "images or captions per HDF5 shard")
@@ -32,6 +38,11 @@ class ExtractConfig:
     token_pool: int = opt(1, "average-pool the patch-token grid by this factor (2: 24x24 -> 12x12)")
     seed: int = opt(0, "seed of the augmented views")
     dry_run: bool = opt(False, "print the plan and the disk space it will take, then stop")
+
+    @property
+    def store(self) -> str:
+        """The store folder's name, derived from the backbone spec (data/backbone_spec.py)."""
+        return store_name(self.backbone)
 
     def to_dict(self) -> dict:
         return asdict(self)

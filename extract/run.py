@@ -11,7 +11,7 @@ from tqdm import tqdm
 from data.datasets import load_split, resolve
 from data.errors import PipelineError
 from data.index import store_index
-from data.store import FeatureStore, read_shard_attrs, shard_is_complete
+from data.store import FeatureStore, read_shard_attrs, sample_bytes, shard_is_complete
 from extract.config import ExtractConfig
 from extract.shard import PRECISIONS, ShardJob, load_backbone, pick_device, run_shard
 
@@ -73,12 +73,10 @@ def fingerprint(cfg: ExtractConfig, backbone, index_version: str) -> dict:
 def estimate_bytes(backbone, cfg: ExtractConfig, index) -> dict:
     """Disk estimate from the node counts and widths (float16 tokens, float32 embeddings, int64 ids/offsets)."""
     d = backbone.describe()
-    grid = backbone.patch_grid
-    pooled = -(-grid // cfg.token_pool) if grid else 0
-    image_rows = 1 + pooled * pooled
-    per_image = image_rows * d["image_token_dim"] * 2 + d["embed_dim"] * 4 + 4 + 16
+    per_image = sample_bytes(backbone.image_rows(cfg.token_pool), d["image_token_dim"], d["embed_dim"],
+                             backbone.queries_per_image)
     text_rows = float(backbone.tokenize(list(index.captions[:512])).node_rows.float().mean())
-    per_text = text_rows * d["text_token_dim"] * 2 + d["embed_dim"] * 4 + 4 + 16
+    per_text = sample_bytes(text_rows, d["text_token_dim"], d["embed_dim"])
     n_img = len(index.images) * (1 + cfg.views)
     return {"bytes_per_image": int(per_image), "bytes_per_caption": int(per_text),
             "images": int(per_image * n_img), "texts": int(per_text * len(index.captions)),
@@ -115,7 +113,7 @@ def run_extract(cfg: ExtractConfig) -> dict:
     log.info("split %s (index version %s)", index.describe(), index.version)
     backbone = load_backbone(cfg, pick_device(cfg.device))  # resolves weights first: fails fast, before any work
     estimate = estimate_bytes(backbone, cfg, index)
-    store = FeatureStore.at(cfg.cache, index.dataset, index.split, cfg.backbone)
+    store = FeatureStore.at(cfg.cache, index.dataset, index.split, cfg.store)
     jobs = plan(len(index.images), len(index.captions), cfg.shard_size)
     if cfg.dry_run:
         return {"dry_run": True, "store": str(store.root), "shards": len(jobs), "estimate": estimate,

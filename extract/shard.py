@@ -66,8 +66,12 @@ class Packer:
 
     def __init__(self):
         self.ids, self.views, self.embeds, self.norms, self.tokens, self.counts = [], [], [], [], [], []
+        self.queries = []
 
-    def add(self, ids, views, proj: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None) -> None:
+    def add(self, ids, views, proj: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None,
+            queries: torch.Tensor | None = None) -> None:
+        if queries is not None:  # one retrieval embedding per query (BLIP-2), normalised like embeds
+            self.queries.append(torch.nn.functional.normalize(queries.float(), dim=-1).cpu().numpy())
         proj = proj.float()
         norms = proj.norm(dim=-1)
         self.ids.append(ids.numpy())
@@ -92,7 +96,7 @@ class Packer:
             norms=np.concatenate(self.norms) if self.norms else np.zeros(0, np.float32),
             offsets=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
             tokens=np.concatenate(self.tokens) if self.tokens else np.zeros((0, 0), np.float16),
-            view=views)
+            view=views, query_embeds=np.concatenate(self.queries) if self.queries else None)
 
 
 def run_image_shard(job, backbone, paths, cfg, device, progress=None) -> tuple[ShardData, ShardResult]:
@@ -109,7 +113,7 @@ def run_image_shard(job, backbone, paths, cfg, device, progress=None) -> tuple[S
             with autocast(device, cfg.precision):
                 enc = backbone.encode_images(pixels.to(device, non_blocking=True))
             tokens = pool_patches(enc.tokens, backbone.patch_grid, cfg.token_pool)
-            packer.add(ids, views if cfg.views else None, enc.proj, tokens, None)
+            packer.add(ids, views if cfg.views else None, enc.proj, tokens, None, enc.queries)
             if progress:
                 progress.update("images", len(ids))
     return packer.data(), result
@@ -146,7 +150,7 @@ def run_shard(job: ShardJob, cfg, index, image_root: Path, attrs: dict, progress
         data, result = run_text_shard(job, backbone, index.captions, cfg, device, progress)
     result.rows = len(data)
     if not result.bad or cfg.skip_bad:
-        store = FeatureStore.at(cfg.cache, index.dataset, index.split, cfg.backbone)
+        store = FeatureStore.at(cfg.cache, index.dataset, index.split, cfg.store)
         result.bytes = write_shard(store.root / job.name, data, {**attrs, "kind": job.kind, "start": job.start,
                                                                    "stop": job.stop, "truncated": result.truncated,
                                                                    "bad_images": json.dumps(result.bad)})

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 
 from data.errors import PipelineError
+from data.backbone_spec import parse_specs
 from data.options import opt
 
 
@@ -98,7 +99,8 @@ class FuseConfig:
 
     @property
     def backbone_list(self) -> list[str]:
-        return [b.strip() for b in (self.backbones or "").split(",") if b.strip()]
+        """The backbones' store names (a spec such as open_clip:<model>@<tag> maps to its store folder)."""
+        return [spec.store_name for spec in parse_specs(self.backbones or "")]
 
     @property
     def run_name(self) -> str:

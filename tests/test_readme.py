@@ -20,3 +20,14 @@ def test_cli_reference_matches_help(command):
     paragraph = next(p for p in reference_section().split("\n\n") if p.startswith(f"`pipeline {command}`"))
     listed = set(re.findall(r"`(--[a-z0-9-]+)`", paragraph))
     assert listed == flags, (sorted(flags - listed), sorted(listed - flags))
+
+
+def test_disk_space_table_is_the_one_computed_from_the_schema():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "disk_table.py"
+    spec = importlib.util.spec_from_file_location("disk_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    missing = [row for row in module.rows() if row not in README]
+    assert not missing, missing

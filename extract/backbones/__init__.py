@@ -1,38 +1,80 @@
-"""The backbone registry: a name maps to a factory taking BackboneOptions; `pipeline backbones` lists them."""
+"""The backbone registry: a family name maps to a factory taking BackboneOptions; `pipeline backbones` lists them.
+
+``create`` takes a backbone spec (data/backbone_spec.py: ``family[:model][@weights]``), checks it against the
+family (whether it takes a model name or weights), and builds the backbone, named after the spec.
+"""
 from __future__ import annotations
 
+import difflib
+from dataclasses import dataclass, replace
 from typing import Callable
 
+from data.backbone_spec import parse_spec
 from data.errors import PipelineError
 from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized
 
-_REGISTRY: dict[str, tuple[Callable[[BackboneOptions], Backbone], str]] = {}
+
+@dataclass(frozen=True)
+class Family:
+    factory: Callable[[BackboneOptions], Backbone]
+    summary: str
+    model: bool = False  # the spec names a model: family:model (required)
+    weights: bool = False  # the spec may name weights: family@weights (tiny random-init families may not)
 
 
-def register(name: str, summary: str):
-    """Decorator: make a factory available under ``name``."""
+_REGISTRY: dict[str, Family] = {}
+
+
+def register(name: str, summary: str, model: bool = False, weights: bool = False):
+    """Decorator: make a factory available under the family ``name``."""
     def wrap(factory):
-        _REGISTRY[name] = (factory, summary)
+        _REGISTRY[name] = Family(factory, summary, model, weights)
         return factory
     return wrap
 
 
+def families() -> dict[str, Family]:
+    _load_families()
+    return dict(sorted(_REGISTRY.items()))
+
+
 def available() -> dict[str, str]:
-    _load_families()
-    return {name: summary for name, (_, summary) in sorted(_REGISTRY.items())}
+    """Each family's spec syntax and summary."""
+    out = {}
+    for name, fam in families().items():
+        syntax = name + (":<model>" if fam.model else "") + ("[@<weights>]" if fam.weights else "")
+        out[syntax] = fam.summary
+    return out
 
 
-def create(name: str, options: BackboneOptions = BackboneOptions()) -> Backbone:
-    """Build a backbone by name; weights are resolved here, before any work, and fail fast."""
-    _load_families()
-    if name not in _REGISTRY:
-        raise PipelineError(f"unknown --backbone {name!r}: choose one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name][0](options)
+def create(spec: str, options: BackboneOptions = BackboneOptions()) -> Backbone:
+    """Build a backbone from its spec; weights are resolved here, before any work, and fail fast."""
+    parsed = parse_spec(spec)
+    fams = families()
+    family = fams.get(parsed.family)
+    if family is None:
+        close = difflib.get_close_matches(parsed.family, fams, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise PipelineError(f"unknown backbone {parsed.family!r} in --backbone {spec}{hint}: choose one of "
+                            f"{', '.join(fams)} (see `pipeline backbones`)")
+    if family.model and not parsed.model:
+        raise PipelineError(f"--backbone {spec}: name the model, as {parsed.family}:<model> (see `pipeline backbones`)")
+    if parsed.model and not family.model:
+        raise PipelineError(f"--backbone {spec}: {parsed.family} takes no model name after ':'")
+    if parsed.weights and not family.weights:
+        raise PipelineError(f"--backbone {spec}: {parsed.family} is random-initialised and takes no weights after '@'")
+    if options.model and parsed.family != "clip":
+        raise PipelineError(f"--model applies to the clip backbone only; for another open_clip model write "
+                            f"--backbone open_clip:{options.model}")
+    options = replace(options, model=parsed.model or options.model, weights=parsed.weights)
+    backbone = family.factory(options)
+    backbone.name = str(parsed)
+    return backbone
 
 
 def _load_families() -> None:
     # Imported on demand so that listing or importing the registry costs nothing until used.
-    from extract.backbones import blip, clip  # noqa: F401
+    from extract.backbones import blip, blip2, clip  # noqa: F401
 
 
-__all__ = ["Backbone", "BackboneOptions", "Encoded", "Tokenized", "available", "create", "register"]
+__all__ = ["Backbone", "BackboneOptions", "Encoded", "Tokenized", "available", "create", "families", "register"]

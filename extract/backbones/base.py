@@ -16,8 +16,9 @@ from data.errors import PipelineError
 class BackboneOptions:
     """What a user can choose about a backbone on the command line."""
 
-    checkpoint: str | None = None  # HF id / local folder (BLIP), pretrained tag / file / hf-hub: id (CLIP)
-    model: str | None = None  # architecture name where the family has several (open_clip)
+    checkpoint: str | None = None  # --checkpoint: where the weights are read from (overrides `weights`)
+    weights: str | None = None  # the spec's @weights: HF id / folder (BLIP, BLIP-2); tag / file / folder / hf-hub:id (open_clip)
+    model: str | None = None  # open_clip architecture name (`clip --model`, or the model of an open_clip: spec)
     dataset: str = "coco"  # picks the fine-tuned default checkpoint where there is one
     tokens: bool = False  # token nodes for backbones that give only a global node by default (CLIP)
     download: bool = False  # allow network access for weights; otherwise only local files
@@ -30,6 +31,7 @@ class Encoded:
     proj: torch.Tensor  # B x D, unnormalised retrieval projection
     tokens: torch.Tensor  # B x T x W, padded for texts
     lengths: torch.Tensor | None = None  # B, valid rows per text (None: all T rows are valid)
+    queries: torch.Tensor | None = None  # B x Q x D, one unnormalised projection per query (BLIP-2 images)
 
 
 @dataclass
@@ -70,6 +72,16 @@ class Backbone(abc.ABC):
     @property
     def patch_grid(self) -> int:
         """Side of the square patch grid behind image rows 1.. (0 when there are no patch rows)."""
+        return 0
+
+    def image_rows(self, token_pool: int = 1) -> int:
+        """Node rows stored per image: the global node plus the patch grid pooled by ``token_pool``."""
+        pooled = -(-self.patch_grid // token_pool) if self.patch_grid else 0
+        return 1 + pooled * pooled
+
+    @property
+    def queries_per_image(self) -> int:
+        """Rows of ``query_embeds`` stored per image (0: the backbone scores with one embedding per image)."""
         return 0
 
     def to(self, device: torch.device) -> "Backbone":

@@ -11,8 +11,8 @@ from data.errors import PipelineError
 from extract.augment import TrainView
 from extract.backbones import register
 from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized
-from extract.backbones.text import blip_clean
-from extract.backbones.weights import hf_snapshot
+from extract.backbones.text import bert_tokenize
+from extract.backbones.weights import hf_snapshot, load_hf_model
 
 DEFAULT_CHECKPOINTS = {"flickr30k": "Salesforce/blip-itm-base-flickr", "coco": "Salesforce/blip-itm-base-coco"}
 
@@ -49,17 +49,7 @@ class Blip(Backbone):
             T.ToTensor(), T.Normalize(self.processor.image_mean, self.processor.image_std)]))
 
     def tokenize(self, captions: list[str]) -> Tokenized:
-        ids = self.tokenizer([blip_clean(c) for c in captions], truncation=False)["input_ids"]
-        truncated = sum(len(x) > self.max_length for x in ids)
-        sep = self.tokenizer.sep_token_id
-        ids = [x if len(x) <= self.max_length else x[: self.max_length - 1] + [sep] for x in ids]
-        width = max(map(len, ids))
-        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, x in enumerate(ids):
-            input_ids[row, : len(x)] = torch.tensor(x)
-            mask[row, : len(x)] = 1
-        return Tokenized({"input_ids": input_ids, "attention_mask": mask}, truncated, mask.sum(1))
+        return bert_tokenize(self.tokenizer, captions, self.max_length)
 
     def encode_images(self, pixels: torch.Tensor) -> Encoded:
         # last_hidden_state (after the final ViT norm), CLS first; not pooler_output, which norms twice.
@@ -86,21 +76,20 @@ class Blip(Backbone):
         }
 
 
-@register("blip", "BLIP ViT-B/16 retrieval model (transformers), fine-tuned on the chosen dataset")
+@register("blip", "BLIP ViT-B/16 retrieval model (transformers), fine-tuned on the chosen dataset", weights=True)
 def blip(options: BackboneOptions) -> Blip:
-    ref = options.checkpoint or DEFAULT_CHECKPOINTS.get(options.dataset, DEFAULT_CHECKPOINTS["coco"])
+    ref = options.checkpoint or options.weights or DEFAULT_CHECKPOINTS.get(options.dataset, DEFAULT_CHECKPOINTS["coco"])
     folder = hf_snapshot(ref, "--checkpoint", options.download)
+    model = load_hf_model(BlipForImageTextRetrieval, folder, ref)
+    return Blip("blip", model, *load_preprocessing(folder, ref), ref)
+
+
+def load_preprocessing(folder: str, ref: str) -> tuple:
+    """(tokenizer, PIL image processor) saved beside a BLIP or BLIP-2 model."""
     try:
-        model, info = BlipForImageTextRetrieval.from_pretrained(folder, output_loading_info=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        processor = BlipImageProcessorPil.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder), BlipImageProcessorPil.from_pretrained(folder)
     except (OSError, ValueError) as e:
-        raise PipelineError(f"--checkpoint {ref}: not a BLIP retrieval checkpoint ({e})") from None
-    bad = [k for k in [*info["missing_keys"], *info["unexpected_keys"]] if not k.endswith("position_ids")]
-    if bad:  # random weights in place of missing ones would give silently wrong features
-        raise PipelineError(f"--checkpoint {ref}: weights do not match BlipForImageTextRetrieval "
-                            f"({len(bad)} missing or unexpected keys, e.g. {bad[:3]})")
-    return Blip("blip", model, tokenizer, processor, ref)
+        raise PipelineError(f"--checkpoint {ref}: no tokenizer or image processor in {folder} ({e})") from None
 
 
 def tiny_vocabulary() -> dict[str, int]:

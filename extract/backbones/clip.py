@@ -1,34 +1,34 @@
-"""CLIP models through open_clip (`clip`, `clip-tiny`): one global node per sample, patch tokens optional."""
+"""open_clip models (`clip`, `open_clip:<model>`, `clip-tiny`): one global node per sample, patch tokens optional."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import open_clip
 import torch
 
-from data.errors import PipelineError
 from extract.augment import TrainView
+from data.backbone_spec import looks_like_path
+from extract.backbones import open_clip_source as source
 from extract.backbones import register
-from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized, missing_weights
-from extract.backbones.weights import hf_cached_file, hf_snapshot, looks_like_path
+from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized
+from extract.backbones.open_clip_tokens import check_patch_tokens, patch_grid, pooled_and_patches
 
 # OpenAI weights need QuickGELU; the plain ViT-L-14-336 config with them gives wrong features silently.
 DEFAULT_MODEL, DEFAULT_TAG = "ViT-L-14-336-quickgelu", "openai"
-HF_WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 class Clip(Backbone):
-    def __init__(self, name: str, model: open_clip.CLIP, preprocess, tokenizer, model_name: str,
-                 checkpoint: str, tokens: bool):
+    def __init__(self, name: str, model, preprocess, tokenizer, model_name: str, checkpoint: str, tokens: bool,
+                 embed_dim: int):
         self.name, self.module, self.preprocess, self.tokenizer = name, model.eval(), preprocess, tokenizer
-        self.model_name, self.checkpoint, self.tokens = model_name, checkpoint, tokens
+        self.model_name, self.checkpoint, self.tokens, self.embed_dim = model_name, checkpoint, tokens, embed_dim
+        if tokens:
+            check_patch_tokens(model.visual, model_name)
         size = model.visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else size
         self.context_length = model.context_length
 
     @property
     def patch_grid(self) -> int:
-        return self.module.visual.grid_size[0] if self.tokens else 0
+        return patch_grid(self.module.visual) if self.tokens else 0
 
     def eval_transform(self):
         return self.preprocess
@@ -39,23 +39,22 @@ class Clip(Backbone):
         return TrainView(self.image_size, 7, self.preprocess)
 
     def tokenize(self, captions: list[str]) -> Tokenized:
-        # open_clip truncates silently to context_length (incl. start and end tokens): count it here.
-        truncated = sum(len(self.tokenizer.encode(c)) + 2 > self.context_length for c in captions) \
-            if hasattr(self.tokenizer, "encode") else 0
+        # open_clip truncates silently to context_length (incl. special tokens): count it here.
+        if hasattr(self.tokenizer, "encode"):  # open_clip's BPE tokenizer: start and end tokens added
+            lengths = [len(self.tokenizer.encode(c)) + 2 for c in captions]
+        else:  # a Hugging Face tokenizer (SigLIP, ...), after open_clip's own text cleaning
+            hf = self.tokenizer.tokenizer
+            lengths = [len(ids) for ids in hf([self.tokenizer.clean_fn(c) for c in captions])["input_ids"]]
+        truncated = sum(n > self.context_length for n in lengths)
         return Tokenized({"text": self.tokenizer(captions)}, truncated, torch.ones(len(captions), dtype=torch.long))
 
     def encode_images(self, pixels: torch.Tensor) -> Encoded:
         if not self.tokens:
             proj = self.module.encode_image(pixels)
             return Encoded(proj, proj[:, None, :])
-        visual = self.module.visual
-        visual.output_tokens = True
-        try:
-            proj, patches = visual(pixels)
-        finally:
-            visual.output_tokens = False
-        # Patch states are after ln_post but unprojected: project them so all image nodes share one width.
-        patches = patches @ visual.proj if visual.proj is not None else patches
+        proj, patches = pooled_and_patches(self.module.visual, pixels)
+        if patches.shape[1] != self.patch_grid ** 2:
+            raise ValueError(f"{self.name}: got {patches.shape[1]} patch tokens, expected {self.patch_grid ** 2}")
         return Encoded(proj, torch.cat([proj[:, None, :], patches], dim=1))
 
     def encode_texts(self, inputs: dict[str, torch.Tensor]) -> Encoded:
@@ -63,54 +62,47 @@ class Clip(Backbone):
         return Encoded(proj, proj[:, None, :], torch.ones(len(proj), dtype=torch.long, device=proj.device))
 
     def describe(self) -> dict:
-        embed_dim = self.module.text_projection.shape[-1] if hasattr(self.module, "text_projection") else None
         return {
             "backbone": self.name, "model": self.model_name, "checkpoint": self.checkpoint,
-            "image_size": self.image_size, "embed_dim": int(embed_dim) if embed_dim is not None else "",
-            "image_token_dim": int(embed_dim) if embed_dim is not None else "", "text_token_dim": int(embed_dim or 0),
-            "clip_tokens": self.tokens,
+            "image_size": self.image_size, "embed_dim": self.embed_dim,
+            "image_token_dim": self.embed_dim, "text_token_dim": self.embed_dim, "clip_tokens": self.tokens,
             "preprocessing": f"open_clip eval transform {self.image_size}px ({' '.join(str(self.preprocess).split())}); "
                              f"context {self.context_length} tokens",
             "open_clip": open_clip.__version__, "torch": torch.__version__,
         }
 
 
-def resolve_pretrained(model: str, ref: str, download: bool) -> tuple[str, str | None]:
-    """(model name for open_clip, pretrained argument) with weights checked to be local unless download."""
-    if ref.startswith("hf-hub:"):
-        folder = hf_snapshot(ref[len("hf-hub:"):], "--checkpoint", download, filename="open_clip_config.json")
-        return f"local-dir:{folder}", None
-    if model not in open_clip.list_models():
-        raise PipelineError(f"--model {model!r} is not an open_clip model (see open_clip.list_models())")
-    if Path(ref).expanduser().is_file():
-        return model, str(Path(ref).expanduser())
-    if looks_like_path(ref):
-        raise PipelineError(f"--checkpoint {ref}: no such file")
-    cfg = open_clip.get_pretrained_cfg(model, ref)
-    if not cfg:
-        tags = open_clip.list_pretrained_tags_by_model(model)
-        raise PipelineError(f"--checkpoint {ref!r} is not a pretrained tag of {model} (known: {', '.join(tags) or 'none'})")
-    if download:
-        return model, ref
-    repo = cfg.get("hf_hub", "").strip("/")
-    local = hf_cached_file(repo, HF_WEIGHT_FILES) if repo else None
-    if local is None:
-        raise missing_weights(f"{model} / {ref}", f"looked in the local Hugging Face cache for {repo or cfg.get('url')}",
-                              "--checkpoint /path/to/weights.safetensors")
-    return model, local
-
-
-@register("clip", "open_clip CLIP, default ViT-L/14 at 336 px with the OpenAI weights (QuickGELU)")
+@register("clip", "open_clip CLIP, default ViT-L/14 at 336 px with the OpenAI weights (QuickGELU); --model for "
+                  "another architecture in the same `clip` store (prefer open_clip:<model>)", weights=True)
 def clip(options: BackboneOptions) -> Clip:
     model_name = options.model or DEFAULT_MODEL
-    ref = options.checkpoint or DEFAULT_TAG
-    name, pretrained = resolve_pretrained(model_name, ref, options.download)
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained)
-    except (RuntimeError, OSError, ValueError, KeyError) as e:
-        raise PipelineError(f"--checkpoint {ref}: could not load into {model_name} ({e})") from None
-    tokenizer = open_clip.get_tokenizer(name)
-    return Clip("clip", model, preprocess, tokenizer, model_name, ref, options.tokens)
+    return _open_clip("clip", model_name, options.checkpoint or options.weights or DEFAULT_TAG, None, options)
+
+
+@register("open_clip", "any open_clip model by name, its store named after the spec: open_clip:ViT-L-16-SigLIP2-384"
+                       "@webli; @<tag, weights file or folder, hf-hub:id> (default: the model's first tag)",
+          model=True, weights=True)
+def open_clip_model(options: BackboneOptions) -> Clip:
+    flag = f"--backbone open_clip:{options.model}"
+    source.model_config(options.model, flag)
+    ref = options.checkpoint or options.weights or source.default_tag(options.model, flag)
+    # A tag in the spec names what a --checkpoint file holds (its preprocessing and QuickGELU check).
+    tag = options.weights if options.checkpoint and options.weights and not looks_like_path(options.weights) \
+        and not options.weights.startswith("hf-hub:") else None
+    return _open_clip("open_clip", options.model, ref, tag, options)
+
+
+def _open_clip(name: str, model_name: str, ref: str, tag: str | None, options: BackboneOptions) -> Clip:
+    flag = "--checkpoint" if name == "clip" else f"--backbone open_clip:{model_name}"
+    resolved = source.resolve(model_name, ref, options.download, flag, tag)
+    model, preprocess, tokenizer = source.load(resolved, ref, flag)
+    return Clip(name, model, preprocess, tokenizer, model_name, ref, options.tokens,
+                open_clip.get_model_config(model_name)["embed_dim"])
+
+
+def open_clip_models() -> dict[str, list[str]]:
+    """Every open_clip model name this version knows, with its pretrained tags (empty: weights by file only)."""
+    return {m: open_clip.list_pretrained_tags_by_model(m) for m in open_clip.list_models()}
 
 
 def tiny_clip(seed: int = 0) -> open_clip.CLIP:
@@ -129,4 +121,4 @@ def clip_tiny(options: BackboneOptions) -> Clip:
     preprocess = open_clip.image_transform(32, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
                                            std=open_clip.OPENAI_DATASET_STD)
     tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=24)
-    return Clip("clip-tiny", model, preprocess, tokenizer, "tiny", "random-init(seed=0)", options.tokens)
+    return Clip("clip-tiny", model, preprocess, tokenizer, "tiny", "random-init(seed=0)", options.tokens, 24)
