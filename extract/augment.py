@@ -125,14 +125,16 @@ def resized_crop_box(width: int, height: int, rng: np.random.Generator, scale=(0
 
 class TrainView:
     """One backbone's training view of an image: random resized crop to ``size`` (bicubic), flip with p 0.5,
-    ``RandomAugment(2, magnitude)``, then ``finish`` (PIL -> the backbone's normalised tensor)."""
+    ``RandomAugment(2, magnitude)`` (none when ``magnitude`` is None), then ``finish`` (PIL -> the backbone's
+    normalised tensor)."""
 
-    def __init__(self, size: int, magnitude: float, finish: Callable[[Image.Image], object]):
-        self.size, self.augment, self.finish = size, RandomAugment(2, magnitude), finish
+    def __init__(self, size: int, magnitude: float | None, finish: Callable[[Image.Image], object]):
+        self.size, self.finish = size, finish
+        self.augment = RandomAugment(2, magnitude) if magnitude is not None else None
 
     def __call__(self, image: Image.Image, rng: np.random.Generator):
         left, top, w, h = resized_crop_box(image.width, image.height, rng)
         image = image.resize((self.size, self.size), Image.Resampling.BICUBIC, box=(left, top, left + w, top + h))
         if rng.random() < 0.5:
             image = ImageOps.mirror(image)
-        return self.finish(self.augment(image, rng))
+        return self.finish(self.augment(image, rng) if self.augment else image)

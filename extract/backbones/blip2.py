@@ -17,6 +17,7 @@ from transformers import BertTokenizer, Blip2Config, Blip2ForImageTextRetrieval
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from data.errors import PipelineError
+from extract.augment import TrainView
 from extract.backbones import register
 from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized
 from extract.backbones.blip import PixelTransform, load_preprocessing, tiny_vocabulary
@@ -53,10 +54,9 @@ class Blip2(Backbone):
         return PixelTransform(self.processor)
 
     def train_transform(self):
-        # LAVIS's BLIP-2 training augmentation (no RandAugment).
-        return T.Compose([
-            T.RandomResizedCrop(self.image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(self.processor.image_mean, self.processor.image_std)])
+        # LAVIS's BLIP-2 training augmentation: crop and flip, no RandomAugment.
+        return TrainView(self.image_size, None, T.Compose([
+            T.ToTensor(), T.Normalize(self.processor.image_mean, self.processor.image_std)]))
 
     def tokenize(self, captions: list[str]) -> Tokenized:
         return bert_tokenize(self.tokenizer, captions, self.max_length)
