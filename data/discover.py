@@ -57,14 +57,15 @@ def dataset_in_cache(cache: str | Path, dataset: str | None) -> str:
     if dataset and dataset in found:
         return dataset
     if dataset:
-        raise PipelineError(f"no dataset {dataset!r} in the cache folder {cache} (found: {_listing(found)}); "
-                            f"run `pipeline extract --dataset {dataset}` first, or pass --cache DIR or another --dataset")
+        raise PipelineError(f"no dataset {dataset!r} in the cache folder {cache} (found: {_listing(found)}); run "
+                            f"`pipeline extract --dataset {dataset}` first, or pass --cache DIR or another --dataset")
     if len(found) == 1:
         return found[0]
     if not found:
         raise PipelineError(f"nothing extracted in the cache folder {cache}: run `pipeline extract --backbone NAME` "
                             f"first, or pass --cache DIR")
-    raise PipelineError(f"{len(found)} datasets in the cache folder {cache} ({_listing(found)}): pick one with --dataset")
+    raise PipelineError(f"{len(found)} datasets in the cache folder {cache} ({_listing(found)}): "
+                        f"pick one with --dataset")
 
 
 def fuse_backbones(cache: str | Path, dataset: str, backbones: str | None) -> list[str]:

@@ -8,9 +8,9 @@ from data.options import opt
 
 @dataclass(frozen=True)
 class FuseConfig:
-    dataset: str = opt(None, "dataset name whose train and val caches to read", required=True)
-    backbones: str = opt(None, "comma-separated backbones, 2 or more (the first one is the weighted stage's)",
-                         required=True)
+    dataset: str | None = opt(None, "dataset whose train and val caches to read (default: the only one in the cache)")
+    backbones: str | None = opt(None, "comma-separated backbones, 2 or more; the first one is the weighted stage's "
+                                      "(default: every backbone cached for train and val, in name order)")
     epochs: int = opt(20, "train up to this many epochs (early stopping may end sooner)")
     batch_size: int = opt(128, "positive (image, caption) pairs per step (HADA: 40)")
     lr: float = opt(1e-4, "AdamW learning rate")
@@ -41,7 +41,8 @@ class FuseConfig:
     momentum: float = opt(0.995, "EMA of the momentum encoders")
     queue_size: int = opt(65536, "ITC queue length")
     temp: float = opt(0.07, "initial ITC temperature (learned, clamped to [0.001, 0.5])")
-    weighted: bool = opt(False, "HADA's second stage: mix the fused score with the first backbone's by a learned weight")
+    weighted: bool = opt(False, "HADA's second stage: mix the fused score with the first backbone's "
+                                "by a learned weight")
     global_only: bool = opt(True, "compute graph outputs for global nodes only (exact, faster)")
 
     @property

@@ -1,5 +1,6 @@
 """Stage two end to end on tiny-backbone features: training, resume, second stage, refusals."""
 import json
+
 import numpy as np
 import pytest
 import torch
@@ -88,7 +89,7 @@ def test_mismatches_are_refused_with_the_difference_named(demo_cache, tmp_path):
     _, cache = demo_cache
     out = run_cli("fuse", "--dataset", "demo", "--backbones", "blip-tiny,nope", "--cache", cache, "--runs", tmp_path,
                   expect=2).output
-    assert "'nope' has no train store" in out
+    assert "nope not cached for both train and val" in out
     out = run_cli("fuse", "--dataset", "demo", "--backbones", "blip-tiny", "--cache", cache, "--runs", tmp_path,
                   expect=2).output
     assert "two or more" in out

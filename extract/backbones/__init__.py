@@ -1,7 +1,11 @@
 """The backbone registry: a name maps to a factory taking BackboneOptions; `pipeline backbones` lists them."""
 from __future__ import annotations
 
+import functools
+import threading
 from typing import Callable
+
+import torch
 
 from data.errors import PipelineError
 from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized
@@ -30,9 +34,23 @@ def create(name: str, options: BackboneOptions = BackboneOptions()) -> Backbone:
     return _REGISTRY[name][0](options)
 
 
+_LOADING = threading.Lock()
+
+
+def load(name: str, options: BackboneOptions, device: torch.device) -> Backbone:
+    """The backbone on ``device``, built once per process and shared by every shard (and thread) that runs there."""
+    with _LOADING:  # two threads asking at once get one model, not two
+        return _loaded(name, options, str(device))
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded(name: str, options: BackboneOptions, device: str) -> Backbone:
+    return create(name, options).to(torch.device(device))
+
+
 def _load_families() -> None:
     # Imported on demand so that listing or importing the registry costs nothing until used.
     from extract.backbones import blip, clip  # noqa: F401
 
 
-__all__ = ["Backbone", "BackboneOptions", "Encoded", "Tokenized", "available", "create", "register"]
+__all__ = ["Backbone", "BackboneOptions", "Encoded", "Tokenized", "available", "create", "load", "register"]

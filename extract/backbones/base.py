@@ -50,8 +50,11 @@ class Backbone(abc.ABC):
         """PIL image -> normalised tensor, as the model was evaluated."""
 
     @abc.abstractmethod
-    def train_transform(self) -> Callable[[Image.Image], torch.Tensor]:
-        """PIL image -> augmented tensor, as HADA trains (random resized crop, flip, RandAugment)."""
+    def train_transform(self) -> Callable[[Image.Image, torch.Generator], torch.Tensor]:
+        """(PIL image, generator) -> augmented tensor, as HADA trains (random resized crop, flip, RandAugment).
+
+        Every random draw comes from the generator (see extract.augment), never from global state.
+        """
 
     @abc.abstractmethod
     def tokenize(self, captions: list[str]) -> Tokenized: ...

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 import transformers
-from torchvision import transforms as T
 from transformers import AutoTokenizer, BertTokenizer, BlipConfig, BlipForImageTextRetrieval
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from data.errors import PipelineError
+from extract.augment import HadaAugment
 from extract.backbones import register
 from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized
 from extract.backbones.text import blip_clean
@@ -43,11 +43,8 @@ class Blip(Backbone):
         return PixelTransform(self.processor)
 
     def train_transform(self):
-        # HADA-LAVIS's BLIP training augmentation.
-        return T.Compose([
-            T.RandomResizedCrop(self.image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(), T.RandAugment(2, 5), T.ToTensor(),
-            T.Normalize(self.processor.image_mean, self.processor.image_std)])
+        # HADA-LAVIS's BLIP training augmentation: RandAugment at magnitude 5.
+        return HadaAugment(self.image_size, 5, self.processor.image_mean, self.processor.image_std)
 
     def tokenize(self, captions: list[str]) -> Tokenized:
         ids = self.tokenizer([blip_clean(c) for c in captions], truncation=False)["input_ids"]
@@ -121,7 +118,8 @@ def tiny_blip(seed: int = 0) -> tuple[BlipForImageTextRetrieval, BertTokenizer, 
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
     config = BlipConfig(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=64, patch_size=16, initializer_range=0.02),  # default 1e-10 makes outputs ignore the image
+                           # the default initializer_range, 1e-10, makes the outputs ignore the image
+                           image_size=64, patch_size=16, initializer_range=0.02),
         text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=40, pad_token_id=vocab["[PAD]"],
                          bos_token_id=vocab["[CLS]"], sep_token_id=vocab["[SEP]"], initializer_range=0.02),

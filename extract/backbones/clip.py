@@ -8,6 +8,7 @@ import torch
 from torchvision import transforms as T
 
 from data.errors import PipelineError
+from extract.augment import HadaAugment
 from extract.backbones import register
 from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized, missing_weights
 from extract.backbones.weights import hf_cached_file, hf_snapshot, looks_like_path
@@ -36,10 +37,8 @@ class Clip(Backbone):
         return self.preprocess
 
     def train_transform(self):
-        # HADA-LAVIS's CLIP training augmentation (not open_clip's own, which crops less).
-        return T.Compose([
-            T.RandomResizedCrop(self.image_size, scale=(0.5, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(), T.RandAugment(2, 7), T.ToTensor(), T.Normalize(self.mean, self.std)])
+        # HADA-LAVIS's CLIP training augmentation (not open_clip's own, which crops less): RandAugment at 7.
+        return HadaAugment(self.image_size, 7, self.mean, self.std)
 
     def tokenize(self, captions: list[str]) -> Tokenized:
         # open_clip truncates silently to context_length (incl. start and end tokens): count it here.
@@ -51,15 +50,14 @@ class Clip(Backbone):
         if not self.tokens:
             proj = self.module.encode_image(pixels)
             return Encoded(proj, proj[:, None, :])
+        # VisionTransformer.forward's steps, keeping its patch states: the same numbers as with
+        # `output_tokens = True`, without switching that flag on a module other threads may be using.
         visual = self.module.visual
-        visual.output_tokens = True
-        try:
-            proj, patches = visual(pixels)
-        finally:
-            visual.output_tokens = False
+        pooled, patches = visual._pool(visual.transformer(visual._embeds(pixels)))
         # Patch states are after ln_post but unprojected: project them so all image nodes share one width.
-        patches = patches @ visual.proj if visual.proj is not None else patches
-        return Encoded(proj, torch.cat([proj[:, None, :], patches], dim=1))
+        if visual.proj is not None:
+            pooled, patches = pooled @ visual.proj, patches @ visual.proj
+        return Encoded(pooled, torch.cat([pooled[:, None, :], patches], dim=1))
 
     def encode_texts(self, inputs: dict[str, torch.Tensor]) -> Encoded:
         proj = self.module.encode_text(inputs["text"])
@@ -72,7 +70,8 @@ class Clip(Backbone):
             "image_size": self.image_size, "embed_dim": int(embed_dim) if embed_dim is not None else "",
             "image_token_dim": int(embed_dim) if embed_dim is not None else "", "text_token_dim": int(embed_dim or 0),
             "clip_tokens": self.tokens,
-            "preprocessing": f"open_clip eval transform {self.image_size}px ({' '.join(str(self.preprocess).split())}); "
+            "preprocessing": f"open_clip eval transform {self.image_size}px "
+                             f"({' '.join(str(self.preprocess).split())}); "
                              f"context {self.context_length} tokens",
             "open_clip": open_clip.__version__, "torch": torch.__version__,
         }
@@ -92,13 +91,15 @@ def resolve_pretrained(model: str, ref: str, download: bool) -> tuple[str, str |
     cfg = open_clip.get_pretrained_cfg(model, ref)
     if not cfg:
         tags = open_clip.list_pretrained_tags_by_model(model)
-        raise PipelineError(f"--checkpoint {ref!r} is not a pretrained tag of {model} (known: {', '.join(tags) or 'none'})")
+        raise PipelineError(f"--checkpoint {ref!r} is not a pretrained tag of {model} "
+                            f"(known: {', '.join(tags) or 'none'})")
     if download:
         return model, ref
     repo = cfg.get("hf_hub", "").strip("/")
     local = hf_cached_file(repo, HF_WEIGHT_FILES) if repo else None
     if local is None:
-        raise missing_weights(f"{model} / {ref}", f"looked in the local Hugging Face cache for {repo or cfg.get('url')}",
+        raise missing_weights(f"{model} / {ref}",
+                              f"looked in the local Hugging Face cache for {repo or cfg.get('url')}",
                               "--checkpoint /path/to/weights.safetensors")
     return model, local
 

@@ -1,4 +1,4 @@
-"""Resolve pretrained weights before any work: local folders/files or the Hugging Face cache, never a silent download."""
+"""Resolve pretrained weights before any work: local folders/files or the Hugging Face cache; no silent download."""
 from __future__ import annotations
 
 from pathlib import Path
