@@ -1,4 +1,4 @@
-"""The `demo` dataset: synthetic shape scenes with templated captions, generated deterministically in Karpathy format."""
+"""The `demo` dataset: synthetic shape scenes with templated captions, generated deterministically (Karpathy format)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
 from data.atomic import write_text
 from data.progress import Progress
 

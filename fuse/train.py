@@ -47,7 +47,8 @@ def plan_blocks(stores, n_images: int, cfg: FuseConfig) -> list[tuple[int, int]]
         return [(0, n_images)]
     n_blocks = math.ceil(need / (0.5 * budget))  # half the budget per block leaves room for the next one
     log.info("train features: %.2f GB exceed the memory budget of %.2f GB: streaming %d blocks of ~%d images, "
-             "shuffled by block and within each block", need / 1e9, budget / 1e9, n_blocks, math.ceil(n_images / n_blocks))
+             "shuffled by block and within each block", need / 1e9, budget / 1e9, n_blocks,
+             math.ceil(n_images / n_blocks))
     edges = [round(k * n_images / n_blocks) for k in range(n_blocks + 1)]
     return [(a, b) for a, b in zip(edges[:-1], edges[1:]) if b > a]
 
@@ -71,7 +72,8 @@ class Trainer:
         self.cfg, self.model, self.device = cfg, model.to(device), device
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.optimizer, T_0=cfg.t0, T_mult=cfg.t_mult)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(self.optimizer, T_0=cfg.t0,
+                                                                              T_mult=cfg.t_mult)
 
     def batches(self, features: SplitFeatures, id_start: int, gen: torch.Generator):
         """Shuffled positive pairs of one block as (image rows, caption rows, image ids)."""
