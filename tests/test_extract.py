@@ -184,23 +184,6 @@ def test_real_preset_fails_fast_offline(tiny_data, tmp_path, backbone, names):
     assert not (tmp_path / "c" / "toy" / "test" / backbone).exists()
 
 
-def test_threads_and_distributed_schedulers_write_the_same_features(tiny_data, tmp_path):
-    from distributed import LocalCluster
-
-    extract(tiny_data, tmp_path / "sync", "--backbone", "clip-tiny", "--shard-size", 3)
-    extract(tiny_data, tmp_path / "threads", "--backbone", "clip-tiny", "--shard-size", 3, "--scheduler", "threads")
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-        extract(tiny_data, tmp_path / "dist", "--backbone", "clip-tiny", "--shard-size", 3,
-                "--scheduler", "distributed", "--address", cluster.scheduler_address)
-    ref_img, ref_txt = load(tmp_path / "sync", "clip-tiny")
-    for name in ("threads", "dist"):
-        img, txt = load(tmp_path / name, "clip-tiny")
-        np.testing.assert_array_equal(ref_img.embeds, img.embeds)
-        np.testing.assert_array_equal(ref_txt.tokens, txt.tokens)
-    out = extract(tiny_data, tmp_path / "x", "--backbone", "clip-tiny", "--scheduler", "distributed", expect=2).output
-    assert "--address" in out
-
-
 @pytest.mark.parametrize("backbone,limit", [("blip-tiny", 40), ("clip-tiny", 24)])
 def test_long_captions_are_truncated_and_counted(tiny_data, tmp_path, backbone, limit):
     import json
