@@ -43,11 +43,19 @@ def config_options(config_cls):
 
 
 def run_stage(fn, *args):
-    """Call a stage; bad input becomes one clear line on stderr and exit status 2, not a traceback."""
+    """Call a stage; bad input becomes one clear line on stderr and exit status 2, not a traceback.
+
+    A file-system refusal (a --cache that is a file, a folder without write permission, a full disk) is
+    reported the same way, naming the path; ``-v`` logs its traceback too.
+    """
     try:
         return fn(*args)
     except PipelineError as e:
         click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        logging.getLogger("pipeline").debug("file-system error", exc_info=True)
+        click.echo(f"Error: {e.strerror or e}: {e.filename}" if e.filename else f"Error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("Interrupted: completed shards and checkpoints are kept; rerun to resume.", err=True)
@@ -131,10 +139,11 @@ def score(**options) -> None:
         click.echo(f"{key}: {note}")
     extra = {"notes": result["notes"], "config": cfg.to_dict()}
     if cfg.json:
-        path = write_scores(cfg.json, result["dataset"], result["split"], result["run"], result["rows"], extra)
+        path = run_stage(write_scores, cfg.json, result["dataset"], result["split"], result["run"], result["rows"],
+                         extra)
         click.echo(f"scores: {path} and {path.with_suffix('.md')}")
     if cfg.plot:
-        plot_recall_curves(result["curves"], cfg.plot, title=f"{cfg.dataset} {cfg.split}")
+        run_stage(plot_recall_curves, result["curves"], cfg.plot, f"{cfg.dataset} {cfg.split}")
         click.echo(f"recall@K plot: {cfg.plot}")
 
 

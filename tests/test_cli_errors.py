@@ -77,6 +77,12 @@ def test_extract_refusals_with_a_dataset(coco_folder, args, names):
     assert not (coco_folder / "cache").exists()
 
 
+def test_a_cache_that_is_a_file(coco_folder):
+    (coco_folder / "taken").write_text("not a folder")
+    refused("extract", "--backbone", "clip-tiny", "--split", "test", "--cache", "taken", names="taken")
+    assert (coco_folder / "taken").read_text() == "not a folder"
+
+
 def test_several_datasets_need_a_choice(coco_folder):
     write_karpathy(coco_folder / "datasets", "flickr30k", {"test": 2})
     refused("extract", "--backbone", "clip-tiny", names=("coco, flickr30k", "--dataset"))
@@ -116,4 +122,6 @@ def test_fuse_and_score_refusals_with_a_cache(demo_cache, tmp_path, monkeypatch)
     refused("fuse", "--cache", cache, "--runs", runs, "--init", "nosuch", names="nosuch")
     refused("score", "--cache", cache, "--runs", runs, "--run", "nosuch", names="nosuch")
     refused("score", "--cache", two, names=("demo, other", "--dataset"))
+    (tmp_path / "taken").write_text("")
+    refused("score", "--cache", cache, "--runs", runs, "--plot", tmp_path / "taken" / "recall.png", names="taken")
     assert not runs.exists() or not any(runs.iterdir())  # nothing written by a refusal
