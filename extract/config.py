@@ -46,8 +46,9 @@ class ExtractConfig:
         """What the backbone factory needs from this config."""
         from extract.backbones.base import BackboneOptions  # imported here: the CLI builds this config without torch
 
-        return BackboneOptions(checkpoint=self.checkpoint, model=self.model, dataset=self.dataset or "coco",
-                               tokens=self.clip_tokens, download=self.download)
+        dataset = {"dataset": self.dataset} if self.dataset else {}  # picks BLIP's fine-tuned default weights
+        return BackboneOptions(checkpoint=self.checkpoint, model=self.model, tokens=self.clip_tokens,
+                               download=self.download, **dataset)
 
     def to_dict(self) -> dict:
         return asdict(self)
