@@ -1,10 +1,10 @@
-# Two commands for a fresh machine: `make demo` and `make test`.
+# Two commands for a fresh machine: `make demo` and `make test` (`make lint`: ruff, configured in pyproject.toml).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-slow bench clean-demo
+.PHONY: install demo test test-slow lint bench clean-demo
 
 install: $(STAMP)
 
@@ -22,6 +22,9 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -m slow
+
+lint: install
+	$(PY) -m ruff check .
 
 clean-demo:
 	rm -rf datasets/demo cache/demo runs/demo

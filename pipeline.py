@@ -22,7 +22,8 @@ def config_options(config_cls):
     def decorate(fn):
         for f, hint in reversed(option_fields(config_cls)):
             meta, flag = f.metadata, "--" + f.name.replace("_", "-")
-            base = [a for a in typing.get_args(hint) if a is not type(None)][0] if isinstance(hint, types.UnionType) else hint
+            optional = isinstance(hint, types.UnionType)
+            base = [a for a in typing.get_args(hint) if a is not type(None)][0] if optional else hint
             kwargs = dict(help=meta.get("help"), show_default=f.default is not None and not meta.get("required"))
             if base is bool:
                 fn = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=f.default, **kwargs)(fn)
@@ -30,19 +31,29 @@ def config_options(config_cls):
             if meta.get("multiple"):
                 fn = click.option(flag, f.name, multiple=True, help=meta.get("help"))(fn)
                 continue
-            ptype = click.Choice(meta["choices"]) if "choices" in meta else base
-            fn = click.option(flag, f.name, type=ptype, default=f.default, required=meta.get("required", False),
-                              **kwargs)(fn)
+            ptype = click.Choice(meta["choices"]) if "choices" in meta else \
+                click.IntRange(min=meta["min"]) if "min" in meta else base
+            # click 8.2+ treats an explicit default (even None) as a value: a required option must have none.
+            default = {} if meta.get("required") else {"default": f.default}
+            fn = click.option(flag, f.name, type=ptype, required=meta.get("required", False), **default, **kwargs)(fn)
         return fn
     return decorate
 
 
 def run_stage(fn, *args):
-    """Call a stage; bad input becomes one clear line on stderr and exit status 2, not a traceback."""
+    """Call a stage; bad input becomes one clear line on stderr and exit status 2, not a traceback.
+
+    A file-system refusal (a --cache that is a file, a folder without write permission, a full disk) is
+    reported the same way, naming the path; ``-v`` logs its traceback too.
+    """
     try:
         return fn(*args)
     except PipelineError as e:
         click.echo(f"Error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:
+        logging.getLogger("pipeline").debug("file-system error", exc_info=True)
+        click.echo(f"Error: {e.strerror or e}: {e.filename}" if e.filename else f"Error: {e}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
         click.echo("Interrupted: completed shards and checkpoints are kept; rerun to resume.", err=True)
@@ -53,10 +64,9 @@ def run_stage(fn, *args):
 @click.option("-v", "--verbose", is_flag=True, help="debug logging")
 def cli(verbose: bool) -> None:
     """HADA graph fusion of pretrained retrieval backbones, from an offline feature cache."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "huggingface_hub", "urllib3", "distributed", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from data.logs import configure
+
+    configure(verbose)
 
 
 @cli.command()
@@ -77,21 +87,26 @@ def backbones() -> None:
 @cli.command()
 @config_options(ExtractConfig)
 def extract(**options) -> None:
-    """Run one backbone once over a dataset split and write its node features to HDF5 shards."""
-    from extract.run import human, run_extract
+    """Run each backbone once over each split of a dataset and write its node features to HDF5 shards."""
+    from extract.run import plan_runs, run_extract
 
-    summary = run_stage(run_extract, ExtractConfig(**options))
-    est = summary["estimate"]
+    for cfg, index in run_stage(plan_runs, ExtractConfig(**options)):
+        click.echo(extract_summary(run_stage(run_extract, cfg, index)))
+
+
+def extract_summary(summary: dict) -> str:
+    """One line per store: what was (or, with --dry-run, would be) written."""
+    from extract.run import human
+
+    est, rows = summary["estimate"], summary["rows"]
     if summary.get("dry_run"):
-        click.echo(f"would write {summary['shards']} shards to {summary['store']}: "
-                   f"{summary['rows']['images']} image rows, {summary['rows']['texts']} caption rows, "
-                   f"about {human(est['total'])} ({human(est['bytes_per_image'])}/image, "
-                   f"{human(est['bytes_per_caption'])}/caption)")
-        return
-    click.echo(f"{summary['store']}: {summary['rows']['images']} image rows, {summary['rows']['texts']} caption rows "
-               f"in {summary['shards']} shards ({summary['shards_written']} written now), {human(summary['bytes'])} "
-               f"on disk, {summary['seconds']:.1f} s; {summary['bad_images']} bad images skipped, "
-               f"{summary['truncated_captions']} captions truncated")
+        return (f"would write {summary['shards']} shards to {summary['store']}: {rows['images']} image rows, "
+                f"{rows['texts']} caption rows, about {human(est['total'])} ({human(est['bytes_per_image'])}/image, "
+                f"{human(est['bytes_per_caption'])}/caption)")
+    return (f"{summary['store']}: {rows['images']} image rows, {rows['texts']} caption rows "
+            f"in {summary['shards']} shards ({summary['shards_written']} written now), {human(summary['bytes'])} "
+            f"on disk, {summary['seconds']:.1f} s; {summary['bad_images']} bad images skipped, "
+            f"{summary['truncated_captions']} captions truncated")
 
 
 @cli.command()
@@ -99,8 +114,15 @@ def extract(**options) -> None:
 @click.pass_context
 def fuse(ctx, **options) -> None:
     """Train the HADA graph fusion from the cached train/val features; write fused val/test embeddings."""
+    from data.discover import dataset_in_cache, fuse_backbones
     from fuse.run import run_fuse
 
+    # An omitted --dataset or --backbones is what the cache holds (see data/discover.py for the order rule);
+    # a resumed run or a second stage takes them from the saved run instead (fuse/settings.py).
+    if not (options["resume"] or options["init"]):
+        options["dataset"] = run_stage(dataset_in_cache, options["cache"], options["dataset"])
+        names = run_stage(fuse_backbones, options["cache"], options["dataset"], options["backbones"])
+        options["backbones"] = ",".join(names)
     given = frozenset(k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE)
     summary = run_stage(lambda: run_fuse(from_options(FuseConfig, options), given))
     click.echo(f"{summary['run']}: {summary['epochs']} epochs, best validation rsum {summary['best_rsum']:.2f}; "
@@ -130,6 +152,10 @@ def import_hada_command(checkpoint, dataset, backbones, run, cache, runs, weight
 @config_options(ScoreConfig)
 def score(**options) -> None:
     """Recall from cached embeddings: each backbone alone, late fusion, and the fused model (hada)."""
+    from data.discover import dataset_in_cache
+
+    if not options["sims"] or not options["dataset"]:
+        options["dataset"] = run_stage(dataset_in_cache, options["cache"], options["dataset"])
     cfg = ScoreConfig(**options)
     result = run_stage(_score, cfg)
     from evaluate.plot import plot_recall_curves
@@ -138,12 +164,15 @@ def score(**options) -> None:
     click.echo(format_table(result["rows"]))
     for key, note in result["notes"].items():
         click.echo(f"{key}: {note}")
-    extra = {"notes": result["notes"], "config": cfg.to_dict(), **({"fusion": result["fusion"]} if result.get("fusion") else {})}
+    extra = {"notes": result["notes"], "config": cfg.to_dict()}
+    if result.get("fusion"):
+        extra["fusion"] = result["fusion"]
     if cfg.json:
-        path = write_scores(cfg.json, result["dataset"], result["split"], result["run"], result["rows"], extra)
+        path = run_stage(write_scores, cfg.json, result["dataset"], result["split"], result["run"], result["rows"],
+                         extra)
         click.echo(f"scores: {path} and {path.with_suffix('.md')}")
     if cfg.plot:
-        plot_recall_curves(result["curves"], cfg.plot, title=f"{cfg.dataset} {cfg.split}")
+        run_stage(plot_recall_curves, result["curves"], cfg.plot, f"{cfg.dataset} {cfg.split}")
         click.echo(f"recall@K plot: {cfg.plot}")
 
 
@@ -184,8 +213,8 @@ DEMO_FUSE = dict(width=256, embed_dim=256, queue_size=4096, lr=5e-4, dropout=0.1
 @click.option("--data-root", default="datasets", show_default=True, help="where the demo dataset is generated")
 @click.option("--cache", default="cache", show_default=True, help="feature cache folder")
 @click.option("--runs", default="runs", show_default=True, help="folder for runs")
-@click.option("--epochs", default=10, show_default=True, help="fusion epochs")
-@click.option("--workers", default=2, show_default=True, help="JPEG decoding processes")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(min=1), help="fusion epochs")
+@click.option("--workers", default=2, show_default=True, type=click.IntRange(min=0), help="image decoding threads")
 @click.option("--backbones", default="blip-tiny,clip-tiny", show_default=True,
               help="tiny backbones to extract and fuse (blip-tiny, clip-tiny, blip2-tiny)")
 @click.pass_context
@@ -198,15 +227,12 @@ def demo(ctx, data_root: str, cache: str, runs: str, epochs: int, workers: int, 
 
     t0 = time.perf_counter()
     names = [str(spec) for spec in run_stage(parse_specs, backbones)]
-    steps = len(names) + 2
-    click.echo(f"[1/{steps}] demo dataset in {data_root}/demo (generated once, then reused)")
+    click.echo(f"[1/3] demo dataset in {data_root}/demo (generated once, then reused)")
     run_stage(generate_demo, data_root)
-    for step, backbone in enumerate(names, start=2):
-        for split in ("train", "val", "test"):
-            click.echo(f"[{step}/{steps}] extract {backbone} {split}")
-            ctx.invoke(extract, **{**_defaults(ExtractConfig), "backbone": backbone, "dataset": "demo", "split": split,
-                                   "data_root": data_root, "cache": cache, "workers": workers, "batch_size": 128})
-    click.echo(f"[{steps}/{steps}] fuse {' + '.join(names)}, then score the test split")
+    click.echo(f"[2/3] extract {', '.join(names)}: train, val and test")
+    ctx.invoke(extract, **{**_defaults(ExtractConfig), "backbone": ",".join(names), "dataset": "demo",
+                           "data_root": data_root, "cache": cache, "workers": workers, "batch_size": 128})
+    click.echo(f"[3/3] fuse {' + '.join(names)}, then score the test split")
     ctx.invoke(fuse, **{**_defaults(FuseConfig), "dataset": "demo", "backbones": ",".join(names),
                         "cache": cache, "runs": runs, "run": "demo", "epochs": epochs, **DEMO_FUSE,
                         "resume": (Path(runs) / "demo" / "last.pt").is_file()})
@@ -214,7 +240,8 @@ def demo(ctx, data_root: str, cache: str, runs: str, epochs: int, workers: int, 
                          "json": f"{runs}/demo/scores.json", "plot": f"{runs}/demo/recall.png"})
     click.echo(f"demo finished in {time.perf_counter() - t0:.0f} s. Results: {runs}/demo/scores.json (+ .md), "
                f"{runs}/demo/recall.png, training curves {runs}/demo/curves.png. The backbones are random-initialised "
-               f"tiny models, so alone they rank near chance; the hada row is what the fusion learned on the train split.")
+               f"tiny models, so alone they rank near chance; the hada row is what the fusion learned on the train "
+               f"split.")
 
 
 def _defaults(config_cls) -> dict:

@@ -36,7 +36,7 @@ def open_clip_grid(model: str) -> tuple[int, int]:
 
 
 def rows() -> list[str]:
-    from transformers import BlipConfig, Blip2Config
+    from transformers import Blip2Config, BlipConfig
 
     blip, blip2 = BlipConfig(), Blip2Config()
     grid = blip.vision_config.image_size // blip.vision_config.patch_size

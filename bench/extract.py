@@ -7,7 +7,7 @@ For each backbone, on N generated JPEGs (demo scenes) of the test split:
             captions: likewise, tokenized beforehand, only `backbone.encode_texts` timed.
   pipeline  `extract.run.run_extract` into a fresh cache (scheduler sync, one shard per kind unless
             N > --shard-size). Images and captions are timed separately by wrapping the shard runner
-            (`run_shard`: DataLoader decoding in `--workers` processes, inference, packing, HDF5 write);
+            (`run_shard`: decoding in `--workers` threads, inference, packing, HDF5 write);
             `e2e s` is the whole run_extract call (both kinds plus index, size estimate and manifest).
 Each is timed --repeats times (the pipeline into a new cache each time) and the best is reported: on a
 shared 2-core machine other processes slow single passes down by up to 30x; all passes go into the JSON.
@@ -46,10 +46,11 @@ import torch  # noqa: E402
 import extract.run  # noqa: E402
 from data.datasets import load_split, resolve  # noqa: E402
 from data.demo import generate_demo  # noqa: E402
+from data.device import autocast, pick_device  # noqa: E402
 from data.store import read_shard_attrs  # noqa: E402
+from extract.backbones import load  # noqa: E402
 from extract.config import ExtractConfig  # noqa: E402
 from extract.reader import load_rgb  # noqa: E402
-from extract.shard import autocast, load_backbone, pick_device  # noqa: E402
 
 
 def machine(device: torch.device) -> dict:
@@ -184,7 +185,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=512, help="JPEGs to generate (5 captions each)")
     ap.add_argument("--image-size", type=int, default=256, help="side of the generated JPEGs")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=2, help="DataLoader processes of the pipeline")
+    ap.add_argument("--workers", type=int, default=2, help="decoding threads of the pipeline")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes of each; the best is reported")
     ap.add_argument("--shard-size", type=int, default=ExtractConfig.shard_size)
     ap.add_argument("--device", default="auto")
@@ -209,13 +210,13 @@ def main() -> None:
         index = load_split(spec, "test")
         n_img, n_cap = len(index.images), len(index.captions)
         for name in names:
-            def config(k: int) -> ExtractConfig:  # a fresh cache folder per pipeline run
+            def config(k: int, name: str = name) -> ExtractConfig:  # a fresh cache folder per pipeline run
                 return ExtractConfig(backbone=name, dataset="demo", split="test", data_root=str(data_root),
                                      cache=str(Path(tmp) / f"cache-{name}-{k}"), batch_size=args.batch_size,
                                      shard_size=args.shard_size, workers=args.workers, device=str(device),
                                      precision=precision)
             t0 = time.perf_counter()
-            backbone = load_backbone(config(0), device)  # the same cached instance run_extract will use
+            backbone = load(name, config(0).backbone_options(), device)  # the instance run_extract will use
             build_s = time.perf_counter() - t0
             ref = bare(backbone, index, spec.image_root, args.batch_size, device, precision, args.repeats)
             runs = [pipeline(config(k)) for k in range(args.repeats)]

@@ -36,7 +36,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 import torch  # noqa: E402
 
 from bench.extract import full_blip, full_clip, machine, peak_rss_gib, sync, write_json  # noqa: E402
-from extract.shard import autocast as backbone_autocast  # noqa: E402
+from data.device import autocast as backbone_autocast  # noqa: E402
 from fuse.batch import PackedFeatures, gather_batch  # noqa: E402
 from fuse.config import FuseConfig  # noqa: E402
 from fuse.data import SplitFeatures  # noqa: E402

@@ -5,10 +5,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from data.discover import datasets_under
 from data.errors import PipelineError
 from data.index import SplitIndex
 
-DATASETS = ("flickr30k", "coco", "demo")
+# The splits a dataset defines, in the order they are extracted; "all" is every image of the file, whatever its split.
 SPLITS = ("train", "val", "test", "all")
 
 
@@ -28,12 +29,17 @@ def resolve(dataset: str, data_root: str | Path = "datasets", annotations: str |
     if annotations is not None:
         if images is None:
             raise PipelineError("--annotations needs --images DIR (the folder the annotation paths are relative to)")
+        if not Path(annotations).is_file():
+            raise PipelineError(f"--annotations {annotations}: no such file")
         return DatasetSpec(dataset, Path(annotations), Path(images), karpathy=_is_karpathy(Path(annotations)))
+    if images is not None:
+        raise PipelineError("--images goes with --annotations FILE (without it, images are read from --data-root)")
     root = Path(data_root) / dataset
     spec = DatasetSpec(dataset, root / f"dataset_{dataset}.json", root / "images")
-    if dataset not in DATASETS and not spec.annotations.is_file():
-        raise PipelineError(f"unknown --dataset {dataset!r}: choose one of {', '.join(DATASETS)}, put a Karpathy "
-                            f"file at {spec.annotations}, or pass --annotations PATH --images DIR")
+    if not spec.annotations.is_file():
+        found = ", ".join(datasets_under(data_root)) or "none"
+        raise PipelineError(f"unknown --dataset {dataset!r}: no {spec.annotations} (datasets under {data_root}: "
+                            f"{found}); pass another --dataset or --data-root, or --annotations FILE --images DIR")
     return spec
 
 
@@ -69,20 +75,27 @@ def _load_json(path: Path):
         raise PipelineError(f"annotation file {path} is not valid JSON: {e}") from None
 
 
-def read_karpathy(path: Path, split: str) -> list[tuple[str, list[str]]]:
-    """(image path, captions) in file order; COCO's ``restval`` counts as train; ``all`` keeps every image."""
+def read_karpathy(path: Path, splits: list[str] | None) -> dict[str, list[tuple[str, list[str]]]]:
+    """(image path, captions) of each split, in file order, from one read of the file.
+
+    ``splits`` None: every split the file defines, in SPLITS order. COCO's ``restval`` counts as train;
+    ``all`` keeps every image.
+    """
     obj = _load_json(path)
     if not isinstance(obj, dict) or "images" not in obj:
         raise PipelineError(f"{path}: not a Karpathy split file (no 'images' list)")
-    samples = []
+    keep = set(splits) if splits is not None else set(SPLITS) - {"all"}
+    samples: dict[str, list] = {}
     for entry in obj["images"]:
         entry_split = "train" if entry.get("split") == "restval" else entry.get("split")
-        if split != "all" and entry_split != split:
+        targets = [s for s in (entry_split, "all") if s in keep]
+        if not targets:
             continue
         rel = "/".join(p for p in (entry.get("filepath", ""), entry["filename"]) if p)
-        caps = [s["raw"] for s in entry.get("sentences", [])]
-        samples.append((safe_relative(rel, path), _check_captions(caps, rel, path)))
-    return samples
+        sample = (safe_relative(rel, path), _check_captions([s["raw"] for s in entry.get("sentences", [])], rel, path))
+        for split in targets:
+            samples.setdefault(split, []).append(sample)
+    return {split: samples[split] for split in SPLITS if split in samples}
 
 
 def read_lavis(path: Path) -> list[tuple[str, list[str]]]:
@@ -99,11 +112,25 @@ def read_lavis(path: Path) -> list[tuple[str, list[str]]]:
     return [(img, _check_captions(caps, img, path)) for img, caps in grouped.items()]
 
 
+def load_splits(spec: DatasetSpec, splits: list[str] | None = None) -> dict[str, SplitIndex]:
+    """Read splits of a dataset into their indexes (one read of the annotations); None: every split it defines."""
+    for split in splits or ():
+        if split not in SPLITS:
+            raise PipelineError(f"unknown --split {split!r}: choose one of {', '.join(SPLITS)}")
+    if spec.karpathy:
+        samples = read_karpathy(spec.annotations, splits)
+    elif splits is None:
+        raise PipelineError(f"--annotations {spec.annotations} holds one split, unnamed: say which with --split")
+    else:
+        samples = {split: read_lavis(spec.annotations) for split in splits}
+    for split in splits or ():
+        if not samples.get(split):
+            raise PipelineError(f"{spec.annotations}: no images in split {split!r}")
+    if not samples:
+        raise PipelineError(f"{spec.annotations}: no images in any of the splits {', '.join(SPLITS[:-1])}")
+    return {split: SplitIndex.from_samples(spec.name, split, rows) for split, rows in samples.items()}
+
+
 def load_split(spec: DatasetSpec, split: str) -> SplitIndex:
     """Read one split of a dataset into its index."""
-    if split not in SPLITS:
-        raise PipelineError(f"unknown --split {split!r}: choose one of {', '.join(SPLITS)}")
-    samples = read_karpathy(spec.annotations, split) if spec.karpathy else read_lavis(spec.annotations)
-    if not samples:
-        raise PipelineError(f"{spec.annotations}: no images in split {split!r}")
-    return SplitIndex.from_samples(spec.name, split, samples)
+    return load_splits(spec, [split])[split]

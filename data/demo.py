@@ -1,4 +1,4 @@
-"""The `demo` dataset: synthetic shape scenes with templated captions, generated deterministically in Karpathy format."""
+"""The `demo` dataset: synthetic shape scenes with templated captions, generated deterministically (Karpathy format)."""
 from __future__ import annotations
 
 import json
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 from data.atomic import write_text
+from data.progress import Progress
 
 # Bump when rendering or captioning changes, so caches made by older code are regenerated.
 GENERATOR_VERSION = 1
@@ -238,16 +238,18 @@ def generate_demo(data_root: str | os.PathLike, n_train: int = 1500, n_val: int 
     bases = {b: _background(b, image_size) for b in BACKGROUNDS}
     splits = ["train"] * n_train + ["val"] * n_val + ["test"] * n_test
     images, sentid = [], 0
-    for imgid, split in enumerate(tqdm(splits, desc="demo images", unit="img", disable=len(splits) <= 300)):
-        scene = _random_scene(rng, image_size)
-        filename = f"demo_{imgid:06d}.jpg"
-        _render(scene, bases, rng).save(img_dir / filename, format="JPEG", quality=90, subsampling=0)
-        sents = []
-        for raw in _captions(rng, scene):
-            sents.append({"raw": raw, "tokens": raw.split(), "imgid": imgid, "sentid": sentid})
-            sentid += 1
-        images.append({"filepath": "", "filename": filename, "imgid": imgid, "split": split,
-                       "sentences": sents, "sentids": [s["sentid"] for s in sents], "scene": scene})
+    with Progress("demo images", len(splits), unit="image") as progress:
+        for imgid, split in enumerate(splits):
+            scene = _random_scene(rng, image_size)
+            filename = f"demo_{imgid:06d}.jpg"
+            _render(scene, bases, rng).save(img_dir / filename, format="JPEG", quality=90, subsampling=0)
+            sents = []
+            for raw in _captions(rng, scene):
+                sents.append({"raw": raw, "tokens": raw.split(), "imgid": imgid, "sentid": sentid})
+                sentid += 1
+            images.append({"filepath": "", "filename": filename, "imgid": imgid, "split": split,
+                           "sentences": sents, "sentids": [s["sentid"] for s in sents], "scene": scene})
+            progress.update(1)
 
     # Images left over from a larger earlier generation would confuse anyone listing the folder.
     keep = {im["filename"] for im in images}

@@ -1,14 +1,43 @@
-"""The one place a --device flag becomes a torch device (with a clear error when CUDA is absent)."""
+"""The one place a --device flag becomes a torch device, and a --precision flag an autocast context.
+
+torch is imported inside the functions: the configs import PRECISIONS, and the CLI builds them without torch.
+"""
 from __future__ import annotations
 
-import torch
+import contextlib
+from typing import TYPE_CHECKING
 
 from data.errors import PipelineError
 
+if TYPE_CHECKING:
+    import torch
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+
 
 def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA if present, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; a clear error for anything else."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise PipelineError(f"unknown --device {name!r}: choose auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise PipelineError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
+    return device
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision on ``device`` (fp16 or bf16), or a no-op context for fp32."""
+    import torch
+
+    if precision not in PRECISIONS:
+        raise PipelineError(f"--precision {precision!r}: choose {', '.join(PRECISIONS)}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 import h5py
 import numpy as np
 
@@ -181,7 +182,8 @@ class FeatureStore:
                     if hi > lo:
                         plan.append((path, int(lo), int(hi), int(f["offsets"][lo]), int(f["offsets"][hi])))
             except OSError as e:
-                raise PipelineError(f"shard {path} cannot be read ({e}): remove it and rerun `pipeline extract`") from None
+                raise PipelineError(f"shard {path} cannot be read ({e}): "
+                                    f"remove it and rerun `pipeline extract`") from None
         if not plan:
             raise PipelineError(f"{self.root}: no {kind} rows" + (f" with ids in {id_range}" if id_range else ""))
         with h5py.File(plan[0][0], "r") as f:

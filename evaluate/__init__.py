@@ -1,7 +1,14 @@
 """Scoring from cached embeddings: recall metrics, late fusion, NNN re-ranking, the score table and plots."""
 from .late_fusion import late_fusion_ranks, late_fusion_recall, standardise, tune_weights, weight_grid
-from .recall import (recall_at_k, recall_curve, recalls_from_ranks, retrieval_ranks, retrieval_ranks_from_embeddings,
-                     retrieval_recall, retrieval_recall_from_embeddings)
+from .recall import (
+    recall_at_k,
+    recall_curve,
+    recalls_from_ranks,
+    retrieval_ranks,
+    retrieval_ranks_from_embeddings,
+    retrieval_recall,
+    retrieval_recall_from_embeddings,
+)
 from .rerank import hubness, nnn_recall, nnn_similarities, tune_alpha
 from .table import format_markdown, format_table, write_scores
 

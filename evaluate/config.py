@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from data.datasets import SPLITS
 from data.options import opt
 
 
 @dataclass(frozen=True)
 class ScoreConfig:
-    dataset: str = opt(None, "dataset name", required=True)
-    split: str = opt("test", "split to score", choices=("train", "val", "test", "all"))
+    dataset: str | None = opt(None, "dataset name (default: the only one in the cache)")
+    split: str = opt("test", "split to score", choices=SPLITS)
     data_root: str = opt("datasets", "dataset folder (not read: scoring uses the cache only)")
     cache: str = opt("cache", "feature cache folder")
     runs: str = opt("runs", "folder of fusion runs")

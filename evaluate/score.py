@@ -34,7 +34,10 @@ class Embeddings:
 
     def similarities(self, ids: np.ndarray | None = None) -> torch.Tensor:
         """images x captions scores as the backbone ranks: cosine, or the best query's cosine where stored."""
-        rows = torch.arange(len(self.image_ids)) if ids is None else torch.from_numpy(np.searchsorted(self.image_ids, ids))
+        if ids is None:
+            rows = torch.arange(len(self.image_ids))
+        else:
+            rows = torch.from_numpy(np.searchsorted(self.image_ids, ids))
         if self.queries is None:
             return self.images[rows] @ self.texts.T
         queries = self.queries[rows]
@@ -50,7 +53,8 @@ def read_embeddings(store: FeatureStore, name: str, index: SplitIndex) -> Embedd
     version = manifest["fingerprint"].get("index_version")
     if version != index.version:
         raise PipelineError(f"{store.root} was made from split index version {version}, but the cache's "
-                            f"{index.dataset}/{index.split} index is version {index.version}: re-extract or re-encode it")
+                            f"{index.dataset}/{index.split} index is version {index.version}: "
+                            f"re-extract or re-encode it")
     images, texts = store.load("images", tokens=False, queries=True), store.load("texts", tokens=False)
     clean = images.view == 0 if images.view is not None else np.ones(len(images), bool)
     queries = torch.from_numpy(images.query_embeds[clean]) if images.query_embeds is not None else None
@@ -98,7 +102,7 @@ class SplitEmbeddings:
         return ids
 
 
-def load_split(cfg: ScoreConfig, split: str, names: list[str], fused_root: Path | None) -> SplitEmbeddings | None:
+def load_embeddings(cfg: ScoreConfig, split: str, names: list[str], fused_root: Path | None) -> SplitEmbeddings | None:
     """Every backbone's (and the fused model's) embeddings of a split; None if it is not cached for all."""
     path = index_path(cfg.cache, cfg.dataset, split)
     if not path.is_file():
@@ -166,7 +170,7 @@ def tuned_alpha(val: SplitEmbeddings | None, emb_name: str, bank: Embeddings) ->
 
 def run_score(cfg: ScoreConfig, names: list[str], run: str | None, fused: dict[str, Path]) -> dict:
     """The score table for ``cfg.split``: backbones alone, late fusion (tuned on val), hada, optional NNN rows."""
-    test = load_split(cfg, cfg.split, names, fused.get(cfg.split))
+    test = load_embeddings(cfg, cfg.split, names, fused.get(cfg.split))
     if test is None:
         raise PipelineError(f"{cfg.dataset}/{cfg.split} is not cached for every backbone of {', '.join(names)}: "
                             f"run `pipeline extract` for it first")
@@ -174,7 +178,7 @@ def run_score(cfg: ScoreConfig, names: list[str], run: str | None, fused: dict[s
     backbones = [e for e in test.methods if e.name in names]
     for emb in backbones:
         scorer.plain(emb)
-    val = load_split(cfg, "val", names, fused.get("val")) if cfg.split != "val" else test
+    val = load_embeddings(cfg, "val", names, fused.get("val")) if cfg.split != "val" else test
     if len(backbones) > 1:
         if val is None:
             scorer.notes["late-fusion"] = "skipped: the val split is not cached for every backbone"
@@ -187,7 +191,7 @@ def run_score(cfg: ScoreConfig, names: list[str], run: str | None, fused: dict[s
     if hada:
         scorer.plain(hada[0])
     if cfg.rerank:
-        train = load_split(cfg, "train", names, fused.get("train"))
+        train = load_embeddings(cfg, "train", names, fused.get("train"))
         if train is None:
             raise PipelineError("--rerank needs the train split cached for every method (its embeddings are the bank)")
         for emb, bank in zip(test.methods, train.methods):

@@ -4,45 +4,62 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from data.backbone_spec import store_name
+from data.datasets import SPLITS
+from data.device import PRECISIONS
 from data.options import opt
 
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    backbone: str = opt(None, "backbone spec: blip, clip, blip2[@HF id or folder], open_clip:<model>[@tag, file, "
-                              "folder or hf-hub:id], or a tiny test backbone (see `pipeline backbones`)", required=True)
-    dataset: str = opt(None, "flickr30k, coco or demo (or any name with --annotations)", required=True)
-    split: str = opt("test", "train, val, test or all", choices=("train", "val", "test", "all"))
+    backbone: str = opt(None, "backbone spec, or several comma-separated: blip, clip, blip2[@HF id or folder], "
+                              "open_clip:<model>[@tag, file, folder or hf-hub:id], or a tiny test backbone "
+                              "(see `pipeline backbones`)", required=True)
+    dataset: str | None = opt(None, "dataset folder name under --data-root (default: the only one there), "
+                                    "or any name with --annotations")
+    split: str | None = opt(None, "one split (default: every split the dataset defines, each into its own store)",
+                            choices=SPLITS)
     data_root: str = opt("datasets", "folder holding <dataset>/dataset_<dataset>.json and <dataset>/images/")
     cache: str = opt("cache", "feature cache folder")
     annotations: str | None = opt(None, "a LAVIS/ALBEF or Karpathy annotation file instead of the data-root layout")
     images: str | None = opt(None, "image folder the --annotations paths are relative to")
-    checkpoint: str | None = opt(None, "where the weights are read from (overrides the spec's @weights; the store keeps "
-                                       "the spec's name): HF id or folder (BLIP, BLIP-2); tag, file, folder or "
-                                       "hf-hub:id (open_clip)")
+    checkpoint: str | None = opt(None, "where the weights are read from (overrides the spec's @weights; the "
+                                       "store keeps the spec's name): HF id or folder (BLIP, BLIP-2); tag, file, "
+                                       "folder or hf-hub:id (open_clip)")
     model: str | None = opt(None, "open_clip model name for the `clip` store (default ViT-L-14-336-quickgelu); "
                                   "prefer --backbone open_clip:<model>, which gets its own store")
-    clip_tokens: bool = opt(False, "store an open_clip ViT's projected patch tokens (CLIP, SigLIP, EVA) as graph nodes, "
-                                   "not only its global node")
+    clip_tokens: bool = opt(False, "store an open_clip ViT's projected patch tokens (CLIP, SigLIP, EVA) as graph "
+                                   "nodes, not only its global node")
     download: bool = opt(False, "allow fetching weights from the Hugging Face Hub (default: local files only)")
-    batch_size: int = opt(32, "images or captions per forward pass")
-    shard_size: int = opt(4096, "images or captions per HDF5 shard")
+    batch_size: int = opt(32, "images or captions per forward pass", min=1)
+    shard_size: int = opt(4096, "images or captions per HDF5 shard", min=1)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
-    precision: str = opt("fp32", "inference precision", choices=("fp32", "fp16", "bf16"))
-    workers: int = opt(2, "DataLoader processes decoding JPEGs")
+    precision: str = opt("fp32", "inference precision", choices=PRECISIONS)
+    workers: int = opt(2, "threads decoding and preprocessing images (0: in the thread that runs the shard)", min=0)
     skip_bad: bool = opt(False, "exclude unreadable images (recorded in the manifest) instead of stopping")
     scheduler: str = opt("sync", "where shards run: in this process, threads, or a dask.distributed cluster",
                          choices=("sync", "threads", "distributed"))
     address: str | None = opt(None, "dask scheduler address for --scheduler distributed (tcp://host:port)")
-    views: int = opt(0, "augmented views stored per training image beside the clean one (train split only)")
-    token_pool: int = opt(1, "average-pool the patch-token grid by this factor (2: 24x24 -> 12x12)")
-    seed: int = opt(0, "seed of the augmented views")
+    views: int = opt(0, "augmented views stored per training image beside the clean one (train split only)", min=0)
+    token_pool: int = opt(1, "average-pool the patch-token grid by this factor (2: 24x24 -> 12x12)", min=1)
+    seed: int = opt(0, "seed of the augmented views", min=0)
     dry_run: bool = opt(False, "print the plan and the disk space it will take, then stop")
 
     @property
     def store(self) -> str:
         """The store folder's name, derived from the backbone spec (data/backbone_spec.py)."""
         return store_name(self.backbone)
+
+    @property
+    def backbone_list(self) -> list[str]:
+        return [b.strip() for b in (self.backbone or "").split(",") if b.strip()]
+
+    def backbone_options(self):
+        """What the backbone factory needs from this config."""
+        from extract.backbones.base import BackboneOptions  # imported here: the CLI builds this config without torch
+
+        dataset = {"dataset": self.dataset} if self.dataset else {}  # picks BLIP's fine-tuned default weights
+        return BackboneOptions(checkpoint=self.checkpoint, model=self.model, tokens=self.clip_tokens,
+                               download=self.download, **dataset)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,9 +1,16 @@
-"""Reader: image rows of a split -> decoded, preprocessed tensors, in parallel DataLoader workers."""
+"""Reader: image rows of a split -> batches of decoded, preprocessed tensors, decoded by a pool of threads.
+
+Threads rather than processes: they also work inside a dask worker (a daemonic process, which may not
+start children), and JPEG decoding, resizing and the tensor conversions release the GIL.
+"""
 from __future__ import annotations
 
 import warnings
 import zlib
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -27,19 +34,23 @@ def load_rgb(path: Path) -> Image.Image:
 
 
 def view_rng(seed: int, row: int, view: int, backbone: str) -> np.random.Generator:
-    """One generator per (image, view, backbone): a view is identical on every rerun, whatever the worker or
-    thread, and each backbone's view k is augmented independently (the reference crops each backbone's input
-    on its own)."""
+    """One generator per (image, view, backbone): a view is identical on every rerun, whatever thread or machine
+    decodes it, and each backbone's view k is augmented independently (the reference crops each backbone's
+    input on its own)."""
     return np.random.default_rng([seed, row, view, zlib.crc32(backbone.encode())])
 
 
-class ImageRows(torch.utils.data.Dataset):
-    """Items are (row, view, pixels or None, error or None); view 0 is the clean eval transform."""
+class ImageRows:
+    """Items are (row, view, pixels or None, error or None); view 0 is the clean eval transform.
 
-    def __init__(self, paths: list[Path], rows: list[int], views: int, eval_tf, train_tf, seed: int = 0,
-                 backbone: str = ""):
+    View k > 0 is ``augment(image, view_rng(seed, row, k, backbone))``: a generator for this item alone, so
+    items can be decoded in any order, by any thread.
+    """
+
+    def __init__(self, paths: list[Path], rows: list[int], views: int, eval_tf: Callable,
+                 augment: Callable | None, seed: int = 0, backbone: str = ""):
         self.paths, self.rows, self.views = paths, rows, views
-        self.eval_tf, self.train_tf, self.seed, self.backbone = eval_tf, train_tf, seed, backbone
+        self.eval_tf, self.augment, self.seed, self.backbone = eval_tf, augment, seed, backbone
 
     def __len__(self) -> int:
         return len(self.rows) * (self.views + 1)
@@ -53,7 +64,7 @@ class ImageRows(torch.utils.data.Dataset):
             return row, view, None, f"{self.paths[k]}: {type(e).__name__}: {e}"
         if view == 0:
             return row, view, self.eval_tf(image), None
-        return row, view, self.train_tf(image, view_rng(self.seed, row, view, self.backbone)), None
+        return row, view, self.augment(image, view_rng(self.seed, row, view, self.backbone)), None
 
 
 def collate(items):
@@ -63,11 +74,26 @@ def collate(items):
     rows = torch.tensor([it[0] for it in good], dtype=torch.long)
     views = torch.tensor([it[1] for it in good], dtype=torch.long)
     pixels = torch.stack([it[2] for it in good]) if good else None
+    if pixels is not None and torch.cuda.is_available():
+        pixels = pixels.pin_memory()  # lets the copy to the GPU overlap
     return rows, views, pixels, bad
 
 
-def image_loader(dataset: ImageRows, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-        pin_memory=torch.cuda.is_available(), persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None)
+def image_batches(rows: ImageRows, batch_size: int, workers: int, ahead: int = 2) -> Iterator[tuple]:
+    """Collated batches in item order; items decoded by ``workers`` threads (0: here), up to ``ahead`` batches early."""
+    batches = [range(s, min(s + batch_size, len(rows))) for s in range(0, len(rows), batch_size)]
+    if workers == 0:
+        for items in batches:
+            yield collate([rows[i] for i in items])
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="decode")
+    try:
+        pending: deque = deque()
+        for items in batches:
+            pending.append([pool.submit(rows.__getitem__, i) for i in items])
+            if len(pending) > ahead:
+                yield collate([f.result() for f in pending.popleft()])
+        while pending:
+            yield collate([f.result() for f in pending.popleft()])
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

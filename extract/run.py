@@ -1,58 +1,59 @@
-"""Stage one: plan the shards of a split, dispatch them (dask), and write the manifest and summary."""
+"""Stage one: the stores to extract (backbones x splits), each one's shards, and their dispatch (dask)."""
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
+from dataclasses import replace
+from pathlib import Path
 
-from tqdm import tqdm
-
-from data.datasets import load_split, resolve
+from data.datasets import load_split, load_splits, resolve
+from data.device import pick_device
+from data.discover import dataset_in_data_root
 from data.errors import PipelineError
-from data.index import store_index
+from data.index import SplitIndex, store_index
+from data.progress import Progress
 from data.store import FeatureStore, read_shard_attrs, sample_bytes, shard_is_complete
+from extract.backbones import check, load
 from extract.config import ExtractConfig
-from extract.shard import PRECISIONS, ShardJob, load_backbone, pick_device, run_shard
+from extract.shard import ShardJob, run_shard
 
 log = logging.getLogger("pipeline.extract")
-VERSION_KEYS = ("transformers", "open_clip", "torch")
-AUGMENTATION = "hada-lavis-v1"  # extract.augment's recipe; bump when views would come out differently  # recorded in shards, but not a reason to refuse a store
-
-
-class Progress:
-    """One bar over all rows of a run, with images/s and captions/s (thread-safe for the threads scheduler)."""
-
-    def __init__(self, total: int):
-        self.bar = tqdm(total=total, unit="row", desc="extract", dynamic_ncols=True)
-        self.counts = {"images": 0, "texts": 0}
-        self.t0 = time.perf_counter()
-        self.lock = threading.Lock()
-
-    def update(self, kind: str, n: int) -> None:
-        with self.lock:
-            self.counts[kind] += n
-            dt = max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix(images_s=f"{self.counts['images'] / dt:.1f}", captions_s=f"{self.counts['texts'] / dt:.1f}")
-            self.bar.update(n)
-
-    def close(self) -> None:
-        self.bar.close()
+VERSION_KEYS = ("transformers", "open_clip", "torch")  # recorded in shards, but not a reason to refuse a store
+AUGMENTATION = "hada-lavis-v1"  # extract.augment's recipe; bump when views would come out differently
 
 
 def check_config(cfg: ExtractConfig) -> None:
-    if cfg.views and cfg.split != "train":
+    """Refuse combinations that cannot work, before any work."""
+    if cfg.views and cfg.split not in (None, "train"):
         raise PipelineError(f"--views {cfg.views}: augmented views are for the train split only, not {cfg.split!r}")
-    if cfg.precision not in PRECISIONS:
-        raise PipelineError(f"--precision {cfg.precision!r}: choose fp32, fp16 or bf16")
     device = pick_device(cfg.device)  # refuses cuda where there is none
     if cfg.precision == "fp16" and device.type == "cpu":
         raise PipelineError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     if cfg.scheduler == "distributed" and not cfg.address:
         raise PipelineError("--scheduler distributed needs --address tcp://HOST:PORT of a running dask scheduler")
-    for name in ("batch_size", "shard_size", "token_pool"):
-        if getattr(cfg, name) < 1:
-            raise PipelineError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.annotations and not cfg.dataset:
+        raise PipelineError("--annotations needs --dataset NAME (the name of its folder in the cache)")
+
+
+def plan_runs(cfg: ExtractConfig) -> list[tuple[ExtractConfig, SplitIndex]]:
+    """One (config, split index) per backbone and split, backbone by backbone; names and dataset checked first.
+
+    Without --dataset: the one dataset under --data-root. Without --split: every split the dataset
+    defines, in the order train, val, test (--views applies to train only).
+    """
+    names = list(dict.fromkeys(cfg.backbone_list))
+    if not names:
+        raise PipelineError(f"--backbone {cfg.backbone!r}: name one or more backbones, comma-separated "
+                            f"(see `pipeline backbones`)")
+    for name in names:
+        check(name, cfg.model)
+    check_config(cfg)
+    dataset = dataset_in_data_root(cfg.data_root, cfg.dataset)
+    spec = resolve(dataset, cfg.data_root, cfg.annotations, cfg.images)
+    indexes = load_splits(spec, [cfg.split] if cfg.split else None)
+    return [(replace(cfg, backbone=name, dataset=dataset, split=split, views=cfg.views if split == "train" else 0),
+             index) for name in names for split, index in indexes.items()]
 
 
 def plan(n_images: int, n_texts: int, shard_size: int) -> list[ShardJob]:
@@ -65,9 +66,10 @@ def plan(n_images: int, n_texts: int, shard_size: int) -> list[ShardJob]:
 def fingerprint(cfg: ExtractConfig, backbone, index_version: str) -> dict:
     """Everything that changes the stored features: a store made with a different one is refused."""
     desc = {k: v for k, v in backbone.describe().items() if k not in VERSION_KEYS}
-    return {**desc, "precision": cfg.precision, "token_pool": cfg.token_pool, "views": cfg.views,
-            "view_seed": cfg.seed if cfg.views else 0,
-            "augmentation": AUGMENTATION if cfg.views else "", "index_version": index_version}
+    # Only stores with views record their augmentation, so stores without views made before it was added still match.
+    views = {"views": cfg.views, "view_seed": cfg.seed if cfg.views else 0,
+             **({"augmentation": AUGMENTATION} if cfg.views else {})}
+    return {**desc, "precision": cfg.precision, "token_pool": cfg.token_pool, **views, "index_version": index_version}
 
 
 def estimate_bytes(backbone, cfg: ExtractConfig, index) -> dict:
@@ -90,28 +92,39 @@ def human(n: float) -> str:
         n /= 1000
 
 
-def dispatch(jobs, cfg, index, image_root, attrs, progress):
+def dispatch(jobs, cfg: ExtractConfig, index, image_root: Path, attrs: dict) -> list:
     """Run shard jobs as dask tasks: in this process (sync, threads) or on an existing distributed cluster."""
     import dask
 
-    tasks = [dask.delayed(run_shard, pure=False)(job, cfg, index, image_root, attrs, progress) for job in jobs]
+    desc = f"{cfg.backbone} {cfg.split}"
     if cfg.scheduler in ("sync", "threads"):
-        return list(dask.compute(*tasks, scheduler=cfg.scheduler))
-    if cfg.scheduler == "distributed":  # progress is None here: workers report per shard instead
-        from distributed import Client
+        rows = sum((j.stop - j.start) * (1 + cfg.views if j.kind == "images" else 1) for j in jobs)
+        with Progress(desc, rows, unit="row", logger=log.name) as progress:
+            tasks = [dask.delayed(run_shard, pure=False)(job, cfg, index, image_root, attrs, progress) for job in jobs]
+            return list(dask.compute(*tasks, scheduler=cfg.scheduler))
+    from distributed import Client, as_completed
 
-        with Client(cfg.address) as client:
-            return [f.result() for f in tqdm(client.compute(tasks), desc="shards", unit="shard")]
-    raise PipelineError(f"--scheduler {cfg.scheduler!r}: choose sync, threads or distributed")
+    # Workers may run in other folders: give them absolute paths (the filesystem is shared).
+    cfg = replace(cfg, cache=str(Path(cfg.cache).resolve()))
+    tasks = [dask.delayed(run_shard, pure=False)(job, cfg, index, image_root.resolve(), attrs) for job in jobs]
+    try:
+        client = Client(cfg.address, timeout=20)
+    except (OSError, TimeoutError, ValueError) as e:
+        raise PipelineError(f"--address {cfg.address}: no dask scheduler answers there ({e})") from None
+    with client, Progress(desc, len(tasks), unit="shard", logger=log.name) as progress:
+        futures = client.compute(tasks)
+        for _ in as_completed(futures):
+            progress.update(1)
+        return [f.result() for f in futures]
 
 
-def run_extract(cfg: ExtractConfig) -> dict:
-    """Extract one backbone over one split into the feature store; returns the run summary."""
+def run_extract(cfg: ExtractConfig, index: SplitIndex | None = None) -> dict:
+    """Extract one backbone over one split (``index``, read here if None) into its store; returns the summary."""
     check_config(cfg)
     spec = resolve(cfg.dataset, cfg.data_root, cfg.annotations, cfg.images)
-    index = load_split(spec, cfg.split)
+    index = index if index is not None else load_split(spec, cfg.split)
     log.info("split %s (index version %s)", index.describe(), index.version)
-    backbone = load_backbone(cfg, pick_device(cfg.device))  # resolves weights first: fails fast, before any work
+    backbone = load(cfg.backbone, cfg.backbone_options(), pick_device(cfg.device))  # weights first: fails fast
     estimate = estimate_bytes(backbone, cfg, index)
     store = FeatureStore.at(cfg.cache, index.dataset, index.split, cfg.store)
     jobs = plan(len(index.images), len(index.captions), cfg.shard_size)
@@ -125,15 +138,10 @@ def run_extract(cfg: ExtractConfig) -> dict:
     attrs = {**fp, **{k: v for k, v in backbone.describe().items() if k in VERSION_KEYS}}
     todo = [j for j in jobs if not shard_is_complete(store.root / j.name, {"index_version": index.version,
                                                                             "start": j.start, "stop": j.stop})]
-    log.info("%s: %d of %d shards to do, estimated %s on disk", store.root, len(todo), len(jobs), human(estimate["total"]))
+    log.info("%s: %d of %d shards to do, estimated %s on disk", store.root, len(todo), len(jobs),
+             human(estimate["total"]))
     t0 = time.perf_counter()
-    local = cfg.scheduler in ("sync", "threads")
-    progress = Progress(sum((j.stop - j.start) * (1 + cfg.views if j.kind == "images" else 1) for j in todo)) if local else None
-    try:
-        results = dispatch(todo, cfg, index, spec.image_root, attrs, progress)
-    finally:
-        if progress:
-            progress.close()
+    results = dispatch(todo, cfg, index, spec.image_root, attrs)
     written = [read_shard_attrs(store.root / j.name) for j in jobs if (store.root / j.name).is_file()]
     # Every bad image of the run is named at once; shards holding one were not written (unless --skip-bad).
     bad = sorted({(i, e) for r in results for i, e in r.bad}

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from data.errors import PipelineError
 from data.backbone_spec import parse_specs
+from data.errors import PipelineError
 from data.options import opt
 
 
@@ -67,7 +67,7 @@ class FuseConfig:
 
     dataset: str | None = opt(None, "dataset in the cache (default: the only one there)")
     backbones: str | None = opt(None, "comma-separated backbones, 2 or more; the first one is the weighted stage's "
-                                      "(default: every backbone cached for train and val)")
+                                      "(default: every backbone cached for train and val, in name order)")
     epochs: int = opt(100, "train up to this many epochs (early stopping usually ends sooner)")
     batch_size: int = opt(40, "positive (image, caption) pairs per step; a last partial batch is dropped")
     lr: float = opt(1e-4, "AdamW learning rate")

@@ -23,6 +23,7 @@ from fuse.losses import id_targets, itc_loss, itm_features, itm_loss, sample_har
 
 # Image ids of the queue's initial random entries (never equal to a real id, so never a positive).
 EMPTY_ID = -100
+DEFAULT = ModelConfig()  # HADA-LAVIS's hyperparameters
 
 
 class DropLinear(nn.Module):
@@ -62,7 +63,7 @@ class GraphEncoder(nn.Module):
     projections 787,456, GATv2 2,107,392, head merge 1,049,088, output 1,049,088.
     """
 
-    def __init__(self, token_dims: Sequence[int], embed_dims: Sequence[int], cfg: ModelConfig = ModelConfig()):
+    def __init__(self, token_dims: Sequence[int], embed_dims: Sequence[int], cfg: ModelConfig = DEFAULT):
         super().__init__()
         if len(token_dims) != len(embed_dims) or len(token_dims) < 1:
             raise ValueError("need one token dim and one embed dim per backbone")
@@ -137,7 +138,7 @@ class HadaModel(nn.Module):
     """
 
     def __init__(self, image_token_dims: Sequence[int], image_embed_dims: Sequence[int],
-                 text_token_dims: Sequence[int], text_embed_dims: Sequence[int], cfg: ModelConfig = ModelConfig()):
+                 text_token_dims: Sequence[int], text_embed_dims: Sequence[int], cfg: ModelConfig = DEFAULT):
         super().__init__()
         if image_embed_dims[0] != text_embed_dims[0]:
             raise ValueError("the first backbone's image and caption embeddings need the same size")

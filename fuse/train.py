@@ -8,7 +8,6 @@ reference drops it on COCO; Flickr30k's 145,000 pairs have none at batch 40).
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -16,15 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from data.device import pick_device
+from data.device import autocast, pick_device
 from data.errors import PipelineError
+from data.progress import Progress
 from fuse import checkpoint
 from fuse.batch import gather_batch
 from fuse.config import FuseConfig
-from fuse.data import (SplitFeatures, load_split_features, open_stores, place, plan_blocks, present_images,
-                       stored_views)
+from fuse.data import SplitFeatures, load_split_features, open_stores, place, plan_blocks, present_images, stored_views
 from fuse.encode import encode_split, eval_batch_size, recall_of
 from fuse.model import HadaModel, build_model
 from fuse.plot import plot_curves
@@ -32,13 +30,6 @@ from fuse.settings import settle_config
 
 log = logging.getLogger("pipeline.fuse")
 CHECK_EVERY = 50  # steps between reads of the device-side loss sums (the only host syncs of an epoch)
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 mixed precision on a GPU when asked for; plain fp32 otherwise."""
-    if precision == "bf16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @dataclass
@@ -233,8 +224,7 @@ def run_epoch(trainer: Trainer, epoch: int, plan: list[Batch], blocks, whole, in
     trainer.model.train()
     totals, pairs, t0 = {}, 0, time.perf_counter()
     finite = torch.ones((), dtype=torch.bool, device=device)
-    bar = tqdm(total=sum(len(b.captions) for b in plan), desc=f"epoch {epoch}", unit="pair", dynamic_ncols=True,
-               leave=False)
+    bar = Progress(f"epoch {epoch}", sum(len(b.captions) for b in plan), unit="pair", logger=log.name, leave=False)
     loaded = (None, whole)
     for i, batch in enumerate(plan):
         if whole is None and loaded[0] != batch.block:
@@ -245,13 +235,13 @@ def run_epoch(trainer: Trainer, epoch: int, plan: list[Batch], blocks, whole, in
             totals[k] = totals.get(k, 0.0) + v * len(batch.captions)
         finite &= torch.isfinite(losses["loss"])
         pairs += len(batch.captions)
-        bar.update(len(batch.captions))
         if (i + 1) % CHECK_EVERY == 0 or i + 1 == len(plan):
             if not bool(finite):
                 bar.close()
                 raise PipelineError(f"non-finite loss in epoch {epoch}; stopped. The last good checkpoint is kept; "
                                     f"try a lower --lr")
-            bar.set_postfix(loss=f"{float(totals['loss']) / pairs:.3f}")
+            bar.update(0, loss=float(totals["loss"]) / pairs)
+        bar.update(len(batch.captions))
     bar.close()
     seconds = time.perf_counter() - t0
     return {"epoch": epoch, **{k: float(v) / max(pairs, 1) for k, v in totals.items()},

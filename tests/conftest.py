@@ -12,6 +12,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data.logs import THIRD_PARTY_NOISE
+
+
+def pytest_configure(config):
+    """Ignore the third-party notices the `pipeline` command ignores (pytest resets filters set at import)."""
+    for noise in THIRD_PARTY_NOISE:
+        config.addinivalue_line("filterwarnings",
+                                f"ignore:{noise['message']}:{noise['category'].__name__}:{noise['module']}")
+
 WORDS = ["a", "red", "green", "blue", "circle", "square", "on", "the", "left", "right", "small", "large",
          "background", "grey", "star", "yellow", "of", "and"]
 
@@ -40,7 +49,8 @@ def write_karpathy(root: Path, dataset: str, splits: dict[str, int], caps=(5, 7)
     entries, k = [], 0
     for split, n in splits.items():
         for _ in range(n):
-            sents = [{"raw": c, "tokens": c.split()} for c in captions_for(rng, int(rng.integers(caps[0], caps[1] + 1)))]
+            captions = captions_for(rng, int(rng.integers(caps[0], caps[1] + 1)))
+            sents = [{"raw": c, "tokens": c.split()} for c in captions]
             entries.append({"filepath": "", "filename": names[k], "split": split, "sentences": sents, "imgid": k})
             k += 1
     path = root / dataset / f"dataset_{dataset}.json"

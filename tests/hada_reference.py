@@ -72,14 +72,13 @@ class MH(nn.Module):
             nodes += [h1[c1:c1 + a], h2[c2:c2 + b]]
             g1, g2 = base, base + a
             tokens = range(base + 1, base + a)
-            for t in tokens:
-                edges.append((t, g1)); attrs.append(0.9)
-            for t in tokens:
-                edges.append((t, g2)); attrs.append(0.7)
-            edges += [(g1, g2), (g2, g1)]; attrs += [1.1, 1.1]
-            for v in [*tokens, g1, g2]:
-                edges.append((v, v)); attrs.append(1.0)
-            first.append(g1); second.append(g2)
+            listed = [(t, g1, 0.9) for t in tokens] + [(t, g2, 0.7) for t in tokens]  # f1 -> c1, f1 -> c2
+            listed += [(g1, g2, 1.1), (g2, g1, 1.1)]  # c1 <-> c2
+            listed += [(v, v, 1.0) for v in [*tokens, g1, g2]]  # self-loops (PyG replaces them)
+            edges += [(s, d) for s, d, _ in listed]
+            attrs += [w for *_, w in listed]
+            first.append(g1)
+            second.append(g2)
             c1, c2, base = c1 + a, c2 + b, base + a + b
         x = torch.cat(nodes)
         edge_index = torch.tensor(edges, dtype=torch.long).t()

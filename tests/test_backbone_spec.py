@@ -16,7 +16,8 @@ from data.errors import PipelineError
     ("blip2@Salesforce/blip2-itm-vit-g", "blip2@Salesforce.blip2-itm-vit-g"),
     ("blip2@/models/blip2 coco/", "blip2@blip2_coco"),
     ("open_clip:ViT-B-32@~/weights/vit-b-32.safetensors", "open_clip.ViT-B-32@vit-b-32"),
-    ("open_clip:ViT-B-16-SigLIP2@hf-hub:timm/ViT-B-16-SigLIP2", "open_clip.ViT-B-16-SigLIP2@hf-hub.timm.ViT-B-16-SigLIP2"),
+    ("open_clip:ViT-B-16-SigLIP2@hf-hub:timm/ViT-B-16-SigLIP2",
+     "open_clip.ViT-B-16-SigLIP2@hf-hub.timm.ViT-B-16-SigLIP2"),
 ])
 def test_store_names_are_derived_from_the_spec(spec, store):
     assert store_name(spec) == store
@@ -82,6 +83,7 @@ def test_fuse_names_a_bad_or_missing_spec(demo_cache, tmp_path):
 
 def test_backbones_lists_families_and_open_clip_models():
     out = run_cli("backbones").output
-    for text in ("blip2[@<weights>]", "open_clip:<model>[@<weights>]", "blip2-tiny", "ViT-SO400M-14-SigLIP2-378  @webli",
+    for text in ("blip2[@<weights>]", "open_clip:<model>[@<weights>]", "blip2-tiny",
+                 "ViT-SO400M-14-SigLIP2-378  @webli",
                  "ViT-L-16-SigLIP2-384  @webli", "EVA02-L-14"):
         assert text in out, text

@@ -10,7 +10,8 @@ from data.index import SplitIndex, store_index
 
 
 def test_karpathy_reader_keeps_every_caption_in_order(tiny_data):
-    spec = resolve("toy", tiny_data, annotations=tiny_data / "toy" / "dataset_toy.json", images=tiny_data / "toy" / "images")
+    toy = tiny_data / "toy"
+    spec = resolve("toy", tiny_data, annotations=toy / "dataset_toy.json", images=toy / "images")
     obj = json.loads(spec.annotations.read_text())
     test = [e for e in obj["images"] if e["split"] == "test"]
     index = load_split(spec, "test")
@@ -35,7 +36,8 @@ def test_coco_restval_counts_as_train_and_filepath_joins(tmp_path):
 
 def test_lavis_eval_and_train_formats(tmp_path):
     ev = tmp_path / "flickr30k_test.json"
-    ev.write_text(json.dumps([{"image": "a/1.jpg", "caption": ["one", "two"]}, {"image": "a/2.jpg", "caption": ["three"]}]))
+    ev.write_text(json.dumps([{"image": "a/1.jpg", "caption": ["one", "two"]},
+                              {"image": "a/2.jpg", "caption": ["three"]}]))
     index = load_split(resolve("flickr30k", annotations=ev, images=tmp_path), "test")
     assert index.images == ("a/1.jpg", "a/2.jpg") and index.text_to_image.tolist() == [0, 0, 1]
     tr = tmp_path / "flickr30k_train.json"

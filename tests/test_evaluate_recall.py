@@ -4,8 +4,14 @@ import numpy as np
 import pytest
 import torch
 
-from evaluate.recall import (recall_at_k, recall_curve, retrieval_ranks, retrieval_ranks_from_embeddings,
-                             retrieval_recall, retrieval_recall_from_embeddings)
+from evaluate.recall import (
+    recall_at_k,
+    recall_curve,
+    retrieval_ranks,
+    retrieval_ranks_from_embeddings,
+    retrieval_recall,
+    retrieval_recall_from_embeddings,
+)
 
 KEYS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
 

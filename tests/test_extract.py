@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def extract(data_root, cache, *args, expect=0):
+    """`pipeline extract` of the toy dataset's test split (unless args name a split)."""
+    split = () if "--split" in args else ("--split", "test")
     result = CliRunner().invoke(cli, ["extract", "--dataset", "toy", "--data-root", str(data_root),
-                                      "--cache", str(cache), "--workers", "0", *map(str, args)])
+                                      "--cache", str(cache), "--workers", "0", *split, *map(str, args)])
     assert result.exit_code == expect, result.output
     return result
 
@@ -58,8 +60,8 @@ def test_extract_writes_the_shard_schema(tiny_data, tmp_path, backbone):
 
 
 def test_blip_embeddings_match_the_models_own_itc_score(tiny_data, tmp_path):
-    from extract.backbones import create
     from data.datasets import load_split, resolve
+    from extract.backbones import create
     from extract.reader import load_rgb
 
     extract(tiny_data, tmp_path / "c", "--backbone", "blip-tiny", "--split", "test")
@@ -117,7 +119,8 @@ def test_token_pool_and_dry_run_estimate(tiny_data, tmp_path):
     extract(tiny_data, tmp_path / "c", "--backbone", "blip-tiny", "--token-pool", 2)
     images, _ = load(tmp_path / "c", "blip-tiny")
     assert set(np.diff(images.offsets)) == {1 + 2 * 2}  # CLS + 4x4 grid pooled to 2x2
-    assert read_shard_attrs(FeatureStore.at(tmp_path / "c", "toy", "test", "blip-tiny").root / "images-00000.h5")["token_pool"] == 2
+    root = FeatureStore.at(tmp_path / "c", "toy", "test", "blip-tiny").root
+    assert read_shard_attrs(root / "images-00000.h5")["token_pool"] == 2
 
 
 def test_another_configuration_is_refused(tiny_data, tmp_path):
@@ -143,6 +146,7 @@ def test_bad_images_are_named_and_skipped_consistently(tiny_data, tmp_path):
 
 def test_grayscale_cmyk_and_alpha_images_are_converted(tmp_path):
     from PIL import Image
+
     from extract.reader import load_rgb
 
     for mode in ("L", "CMYK", "RGBA", "LA", "P"):
@@ -183,23 +187,6 @@ def test_real_preset_fails_fast_offline(tiny_data, tmp_path, backbone, names):
     assert not (tmp_path / "c").exists()
 
 
-def test_threads_and_distributed_schedulers_write_the_same_features(tiny_data, tmp_path):
-    from distributed import LocalCluster
-
-    extract(tiny_data, tmp_path / "sync", "--backbone", "clip-tiny", "--shard-size", 3)
-    extract(tiny_data, tmp_path / "threads", "--backbone", "clip-tiny", "--shard-size", 3, "--scheduler", "threads")
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster:
-        extract(tiny_data, tmp_path / "dist", "--backbone", "clip-tiny", "--shard-size", 3,
-                "--scheduler", "distributed", "--address", cluster.scheduler_address)
-    ref_img, ref_txt = load(tmp_path / "sync", "clip-tiny")
-    for name in ("threads", "dist"):
-        img, txt = load(tmp_path / name, "clip-tiny")
-        np.testing.assert_array_equal(ref_img.embeds, img.embeds)
-        np.testing.assert_array_equal(ref_txt.tokens, txt.tokens)
-    out = extract(tiny_data, tmp_path / "x", "--backbone", "clip-tiny", "--scheduler", "distributed", expect=2).output
-    assert "--address" in out
-
-
 @pytest.mark.parametrize("backbone,limit", [("blip-tiny", 40), ("clip-tiny", 24)])
 def test_long_captions_are_truncated_and_counted(tiny_data, tmp_path, backbone, limit):
     import json
@@ -213,3 +200,21 @@ def test_long_captions_are_truncated_and_counted(tiny_data, tmp_path, backbone, 
     assert "2 captions truncated" in out
     _, texts = load(tmp_path / "c", backbone)
     assert np.diff(texts.offsets).max() <= limit
+
+
+def test_one_call_extracts_every_backbone_and_split_of_the_only_dataset(tiny_data, monkeypatch):
+    monkeypatch.chdir(tiny_data.parent)  # holds datasets/toy only: no --dataset, --data-root or --split needed
+    out = CliRunner().invoke(cli, ["extract", "--backbone", "clip-tiny,blip-tiny", "--views", "1", "--workers", "0"])
+    assert out.exit_code == 0, out.output
+    stores = [line.split(":")[0] for line in out.output.splitlines() if line.startswith("cache/")]
+    splits = ("train", "val", "test")
+    assert stores == [f"cache/toy/{split}/{b}" for b in ("clip-tiny", "blip-tiny") for split in splits]
+    for backbone in ("clip-tiny", "blip-tiny"):
+        for split, n in (("train", 10), ("val", 6), ("test", 8)):
+            images = FeatureStore.at("cache", "toy", split, backbone).load("images", tokens=False)
+            assert sorted(set(images.ids)) == list(range(n))
+            assert len(images) == n * (2 if split == "train" else 1)  # --views applies to train only
+    rerun = CliRunner().invoke(cli, ["extract", "--backbone", "clip-tiny", "--workers", "0"])
+    assert rerun.exit_code == 2 and "another configuration" in rerun.output  # train was made with --views 1
+    rerun = CliRunner().invoke(cli, ["extract", "--backbone", "clip-tiny", "--views", "1", "--workers", "0"])
+    assert rerun.exit_code == 0 and rerun.output.count("(0 written now)") == 3  # complete stores: nothing redone

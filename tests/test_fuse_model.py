@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fuse.batch import PackedFeatures
-from fuse.losses import id_targets, sample_hard_negatives
 from evaluate.weighted import mix_embeddings, mix_scores
+from fuse.batch import PackedFeatures
 from fuse.config import ModelConfig
+from fuse.losses import id_targets, sample_hard_negatives
 from fuse.model import GraphEncoder, HadaModel
 
 TOK, EMB = [12, 10], [8, 6]

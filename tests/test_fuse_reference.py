@@ -3,11 +3,11 @@
 reference's recipe: schedule, queue, second stage, checkpoint import."""
 import math
 
+import hada_reference as ref
 import numpy as np
 import pytest
 import torch
 
-import hada_reference as ref
 from fuse.batch import NodeBlock
 from fuse.config import ModelConfig
 from fuse.hada_import import reference_state_to_model

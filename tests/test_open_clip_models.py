@@ -28,7 +28,8 @@ def tiny_tower_config(pool: str, proj: str, embed_dim: int = 64) -> dict:
 
 
 TINY = {"tiny-siglip-test": tiny_tower_config("map", "none"), "tiny-eva-test": tiny_tower_config("token", "linear", 32)}
-SIGLIP_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic", "resize_mode": "squash"}
+SIGLIP_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "interpolation": "bicubic",
+                     "resize_mode": "squash"}
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +61,8 @@ def save_model(name: str, folder, config: dict | None = None, preprocess: dict |
     model = open_clip.create_model(name)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
     if config is not None:
-        (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": preprocess or {}}))
+        config_json = {"model_cfg": config, "preprocess_cfg": preprocess or {}}
+        (folder / "open_clip_config.json").write_text(json.dumps(config_json))
     save_tokenizer(folder)
     return folder
 

@@ -3,9 +3,9 @@ import json
 import shutil
 
 import pytest
+from test_fuse_train import chance_rsum
 
 from conftest import TINY_FUSE, run_cli
-from test_fuse_train import chance_rsum
 
 
 @pytest.mark.slow
@@ -18,7 +18,8 @@ def test_blip_clip_and_blip2_fused_in_one_run(demo_cache, tmp_path, one_thread):
         run_cli("extract", "--backbone", "blip2-tiny", "--dataset", "demo", "--split", split, "--data-root", data_root,
                 "--cache", cache, "--workers", 0, "--batch-size", 64, *extra)
     backbones = ["blip-tiny", "clip-tiny", "blip2-tiny"]
-    run_cli("fuse", "--dataset", "demo", "--backbones", ",".join(backbones), "--cache", cache, "--runs", tmp_path / "runs",
+    run_cli("fuse", "--dataset", "demo", "--backbones", ",".join(backbones), "--cache", cache,
+            "--runs", tmp_path / "runs",
             "--run", "three", "--epochs", 12, *TINY_FUSE)
     out = run_cli("score", "--dataset", "demo", "--cache", cache, "--runs", tmp_path / "runs", "--run", "three",
                   "--json", tmp_path / "scores.json").output

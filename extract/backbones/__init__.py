@@ -6,8 +6,12 @@ family (whether it takes a model name or weights), and builds the backbone, name
 from __future__ import annotations
 
 import difflib
+import functools
+import threading
 from dataclasses import dataclass, replace
 from typing import Callable
+
+import torch
 
 from data.backbone_spec import parse_spec
 from data.errors import PipelineError
@@ -47,8 +51,8 @@ def available() -> dict[str, str]:
     return out
 
 
-def create(spec: str, options: BackboneOptions = BackboneOptions()) -> Backbone:
-    """Build a backbone from its spec; weights are resolved here, before any work, and fail fast."""
+def check(spec: str, model_option: str | None = None):
+    """(parsed spec, family) if ``spec`` names a registered family in a form it takes; else a clear error."""
     parsed = parse_spec(spec)
     fams = families()
     family = fams.get(parsed.family)
@@ -63,13 +67,33 @@ def create(spec: str, options: BackboneOptions = BackboneOptions()) -> Backbone:
         raise PipelineError(f"--backbone {spec}: {parsed.family} takes no model name after ':'")
     if parsed.weights and not family.weights:
         raise PipelineError(f"--backbone {spec}: {parsed.family} is random-initialised and takes no weights after '@'")
-    if options.model and parsed.family != "clip":
+    if model_option and parsed.family != "clip":
         raise PipelineError(f"--model applies to the clip backbone only; for another open_clip model write "
-                            f"--backbone open_clip:{options.model}")
+                            f"--backbone open_clip:{model_option}")
+    return parsed, family
+
+
+def create(spec: str, options: BackboneOptions = BackboneOptions()) -> Backbone:
+    """Build a backbone from its spec; weights are resolved here, before any work, and fail fast."""
+    parsed, family = check(spec, options.model)
     options = replace(options, model=parsed.model or options.model, weights=parsed.weights)
     backbone = family.factory(options)
     backbone.name = str(parsed)
     return backbone
+
+
+_LOADING = threading.Lock()
+
+
+def load(name: str, options: BackboneOptions, device: torch.device) -> Backbone:
+    """The backbone on ``device``, built once per process and shared by every shard (and thread) that runs there."""
+    with _LOADING:  # two threads asking at once get one model, not two
+        return _loaded(name, options, str(device))
+
+
+@functools.lru_cache(maxsize=2)
+def _loaded(name: str, options: BackboneOptions, device: str) -> Backbone:
+    return create(name, options).to(torch.device(device))
 
 
 def _load_families() -> None:
@@ -77,4 +101,5 @@ def _load_families() -> None:
     from extract.backbones import blip, blip2, clip  # noqa: F401
 
 
-__all__ = ["Backbone", "BackboneOptions", "Encoded", "Tokenized", "available", "create", "families", "register"]
+__all__ = ["Backbone", "BackboneOptions", "Encoded", "Tokenized", "available", "check", "create", "families", "load",
+           "register"]

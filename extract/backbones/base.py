@@ -17,7 +17,8 @@ class BackboneOptions:
     """What a user can choose about a backbone on the command line."""
 
     checkpoint: str | None = None  # --checkpoint: where the weights are read from (overrides `weights`)
-    weights: str | None = None  # the spec's @weights: HF id / folder (BLIP, BLIP-2); tag / file / folder / hf-hub:id (open_clip)
+    # the spec's @weights: HF id / folder (BLIP, BLIP-2); tag / file / folder / hf-hub:id (open_clip)
+    weights: str | None = None
     model: str | None = None  # open_clip architecture name (`clip --model`, or the model of an open_clip: spec)
     dataset: str = "coco"  # picks the fine-tuned default checkpoint where there is one
     tokens: bool = False  # token nodes for backbones that give only a global node by default (CLIP)
@@ -54,7 +55,10 @@ class Backbone(abc.ABC):
 
     @abc.abstractmethod
     def train_transform(self) -> Callable[[Image.Image, np.random.Generator], torch.Tensor]:
-        """(PIL image, generator) -> augmented tensor, as HADA-LAVIS trains (extract.augment.TrainView)."""
+        """(PIL image, generator) -> augmented tensor, as HADA-LAVIS trains (extract.augment.TrainView).
+
+        Every random draw comes from the generator, never from global state (threads share the process).
+        """
 
     @abc.abstractmethod
     def tokenize(self, captions: list[str]) -> Tokenized: ...

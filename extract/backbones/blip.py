@@ -109,7 +109,8 @@ def tiny_blip(seed: int = 0) -> tuple[BlipForImageTextRetrieval, BertTokenizer, 
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
     config = BlipConfig(
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=64, patch_size=16, initializer_range=0.02),  # default 1e-10 makes outputs ignore the image
+                           # the default initializer_range, 1e-10, makes the outputs ignore the image
+                           image_size=64, patch_size=16, initializer_range=0.02),
         text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=40, pad_token_id=vocab["[PAD]"],
                          bos_token_id=vocab["[CLS]"], sep_token_id=vocab["[SEP]"], initializer_range=0.02),

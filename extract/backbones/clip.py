@@ -4,8 +4,8 @@ from __future__ import annotations
 import open_clip
 import torch
 
-from extract.augment import TrainView
 from data.backbone_spec import looks_like_path
+from extract.augment import TrainView
 from extract.backbones import open_clip_source as source
 from extract.backbones import register
 from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized
@@ -66,7 +66,8 @@ class Clip(Backbone):
             "backbone": self.name, "model": self.model_name, "checkpoint": self.checkpoint,
             "image_size": self.image_size, "embed_dim": self.embed_dim,
             "image_token_dim": self.embed_dim, "text_token_dim": self.embed_dim, "clip_tokens": self.tokens,
-            "preprocessing": f"open_clip eval transform {self.image_size}px ({' '.join(str(self.preprocess).split())}); "
+            "preprocessing": f"open_clip eval transform {self.image_size}px "
+                             f"({' '.join(str(self.preprocess).split())}); "
                              f"context {self.context_length} tokens",
             "open_clip": open_clip.__version__, "torch": torch.__version__,
         }

@@ -73,7 +73,8 @@ def resolve(model: str, ref: str, download: bool, flag: str, tag: str | None = N
     repo = pretrained.get("hf_hub", "").strip("/")
     local = hf_cached_file(repo, WEIGHT_FILES) if repo else None
     if local is None:
-        raise missing_weights(f"{model} / {ref}", f"looked in the local Hugging Face cache for {repo or pretrained.get('url')}",
+        raise missing_weights(f"{model} / {ref}",
+                              f"looked in the local Hugging Face cache for {repo or pretrained.get('url')}",
                               "--checkpoint /path/to/open_clip_model.safetensors")
     return OpenClipSource(model, local, preprocess, _tokenizer(cfg, Path(local).parent, download, flag))
 
@@ -162,7 +163,8 @@ def load(source: OpenClipSource, ref: str, flag: str):
             source.model, pretrained=source.pretrained, require_pretrained=True,
             **{f"image_{k}": v for k, v in source.preprocess.items()})
     except (RuntimeError, OSError, ValueError, KeyError) as e:
-        raise PipelineError(f"{flag} {ref}: could not load into {source.model} ({' '.join(str(e).split())[:300]})") from None
+        reason = " ".join(str(e).split())[:300]
+        raise PipelineError(f"{flag} {ref}: could not load into {source.model} ({reason})") from None
     text_cfg = open_clip.get_model_config(source.model)["text_cfg"]
     if source.tokenizer is None:
         return model, preprocess, open_clip.get_tokenizer(source.model)

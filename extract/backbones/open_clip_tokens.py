@@ -38,12 +38,12 @@ def patch_grid(visual) -> int:
 def pooled_and_patches(visual, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B x D image embeddings exactly as encode_image gives them, B x N x D patch tokens)."""
     if isinstance(visual, VisionTransformer):
-        visual.output_tokens = True
-        try:
-            pooled, patches = visual(pixels)
-        finally:
-            visual.output_tokens = False
-        return pooled, patches @ visual.proj if visual.proj is not None else patches
+        # VisionTransformer.forward's steps, keeping its patch states (after ln_post, unprojected): the same
+        # numbers as `output_tokens = True`, without switching that flag on a module other threads may be using.
+        pooled, patches = visual._pool(visual.transformer(visual._embeds(pixels)))
+        if visual.proj is not None:
+            pooled, patches = pooled @ visual.proj, patches @ visual.proj
+        return pooled, patches
     trunk = _timm_trunk(visual)
     states = trunk.forward_features(pixels)
     pooled = visual.head(trunk.forward_head(states))

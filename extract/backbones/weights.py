@@ -1,4 +1,4 @@
-"""Resolve pretrained weights before any work: local folders/files or the Hugging Face cache, never a silent download."""
+"""Resolve pretrained weights before any work: local folders/files or the Hugging Face cache; no silent download."""
 from __future__ import annotations
 
 import json
@@ -59,7 +59,8 @@ def load_hf_model(model_cls, folder: str, ref: str, flag: str = "--checkpoint"):
         # Mismatched shapes are reported in `info` (and refused below, by name) rather than raised without them.
         model, info = model_cls.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError, RuntimeError) as e:
-        raise PipelineError(f"{flag} {ref}: could not load {model_cls.__name__} ({' '.join(str(e).split())[:300]})") from None
+        reason = " ".join(str(e).split())[:300]
+        raise PipelineError(f"{flag} {ref}: could not load {model_cls.__name__} ({reason})") from None
     bad = [k for k in [*info["missing_keys"], *info["unexpected_keys"]] if not k.endswith("position_ids")]
     bad += [k[0] if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", [])]
     if bad:  # random weights in place of missing ones would give silently wrong features

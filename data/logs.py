@@ -1,0 +1,21 @@
+"""Log set-up for the `pipeline` command: our messages at INFO, third-party chatter and known noise kept out."""
+from __future__ import annotations
+
+import logging
+import warnings
+
+# Deprecation notices raised inside libraries we call, about their own code: nothing a user can act on.
+THIRD_PARTY_NOISE = (
+    # torch_geometric (imported by fuse/) decorates functions with torch.jit.script, which torch now deprecates.
+    dict(message=r"`torch\.jit\.script` is deprecated", category=FutureWarning, module=r"torch\.jit\."),
+)
+
+
+def configure(verbose: bool = False) -> None:
+    """INFO from the ``pipeline.*`` loggers (DEBUG with ``verbose``), WARNING and above from everything else;
+    exactly the notices in THIRD_PARTY_NOISE ignored (by message, category and module), all others shown."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noise in THIRD_PARTY_NOISE:
+        warnings.filterwarnings("ignore", **noise)
