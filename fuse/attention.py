@@ -116,9 +116,10 @@ def _fused_grad_dst(x_l: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor,
     e6 = e[:, :, None, :, None, None]
     k = torch.arange(3, device=z.device).view(1, 1, 3, 1, 1, 1)
     pos = z > 0
-    # where() of two Python scalars would be float32 whatever the inputs: keep tensors.
-    gd = torch.where(pos, g6, slope * g6)
-    v = torch.where(k == 0, gd, torch.where(k == 1, gd * e6, torch.where(pos, z, slope * z) * g6))
+    # leaky'(z) from 0-d tensors: where() of two Python scalars would be float32 even for
+    # float64 inputs. No big intermediate is named twice: inductor would store it.
+    d = torch.where(pos, att.new_ones(()), att.new_full((), slope))
+    v = torch.where(k == 0, d * g6, torch.where(k == 1, d * g6 * e6, torch.where(pos, z, slope * z) * g6))
     r = v.sum(3)  # (N, T, 3, H, C)
     return r[:, :, 0] * att, r[:, :, 1].sum((0, 1)) * att, r[:, :, 2].sum((0, 1))
 
@@ -175,40 +176,43 @@ def _eager_scores(x_l, x_r, e, w, att, slope, chunk):
 
 
 def _eager_grads(x_l, x_r, e, w, att, g, alpha, g_out, slope, chunk, need_edge):
-    """(d x_l, d x_r, d w, d att, d e or None), the leaky_relu split as in the forward."""
+    """(d x_l, d x_r, d w, d att, d e or None), with the leaky_relu split of the forward:
+    only the relu part needs z; p = g * [z > 0] carries it."""
     n, t, s, hh, c = *e.shape, *att.shape
     ct = att.dtype
-    # Message term of d x_l, per head straight into the output buffer.
-    gx_l = torch.empty(n, s, hh, c, dtype=ct, device=x_l.device)
-    alpha_t = alpha.transpose(1, 2)  # (N, S, T, H)
-    for h in range(hh):
-        torch.bmm(alpha_t[..., h], g_out[:, :, h].to(ct), out=gx_l[:, :, h])
+    q = 1 - slope
     g_src, g_dst = g.sum(1), g.sum(2)  # (N, S, H), (N, T, H)
     ge_sum = (g * e.unsqueeze(-1)).sum((0, 1, 2))  # (H,)
+    gx_l = torch.empty(n, s, hh, c, dtype=ct, device=x_l.device)
     gx_r = torch.zeros(n, t, hh, c, dtype=ct, device=x_l.device)
     gw = torch.zeros(hh * c, dtype=ct, device=x_l.device)
     gatt = torch.zeros(hh, c, dtype=ct, device=x_l.device)
     ge = (slope * g * (att * w).sum(-1)).sum(-1) if need_edge else None
-    q = 1 - slope
+    go = g_out.to(ct)
+    qatt, satt = q * att, slope * att
     for n0, n1, s0, s1 in _chunks(n, t, s, hh * c, chunk):
         r = _relu_z(x_l, x_r, e, w, n0, n1, s0, s1)
         gb = g[n0:n1, :, s0:s1]
         m = gb.numel() // hh
-        # d att (relu part): sum over edges of g * relu(z), per head. One (H, m) @ (m, H*C)
-        # GEMM and its diagonal blocks: H times the flops of per-head products, but those
-        # (strided batched GEMV) run far slower.
+        # sum of g * relu(z) per head as one (H, m) @ (m, H*C) GEMM and its diagonal blocks:
+        # H times the flops of per-head products, which (strided GEMVs) run slower.
         gatt += (gb.reshape(m, hh).t() @ r.view(m, hh * c)).view(hh, hh, c).diagonal().t()
-        p = r.sign_().mul_(gb.unsqueeze(-1))  # g * [z > 0]
-        gx_l[n0:n1, s0:s1] += (p.sum(1).mul_(q).add_(slope * g_src[n0:n1, s0:s1].unsqueeze(-1))
-                               .mul_(att))
+        p = r.sign_().mul_(gb.unsqueeze(-1))  # relu(z) >= 0, so sign() is [z > 0]
         gx_r[n0:n1] += p.sum(2)
         gw += e[n0:n1, :, s0:s1].reshape(m) @ p.view(m, hh * c)
         if need_edge:
-            ge[n0:n1, :, s0:s1] += (p.view(m, hh * c) @ (q * att * w).view(-1)).view(gb.shape[:-1])
-    # Linear parts (of d x_l: in the loop), from the per-row sums of g.
+            ge[n0:n1, :, s0:s1] += (p.view(m, hh * c) @ (qatt * w).view(-1)).view(gb.shape[:-1])
+        # d x_l = att * (q * sum_t p + slope * sum_t g) + sum_t alpha * g_out (the message);
+        # T is small, so the message term is T fused multiply-adds, not a K = T matmul.
+        blk = gx_l[n0:n1, s0:s1]
+        torch.sum(p, 1, out=blk)
+        blk.mul_(qatt).addcmul_(g_src[n0:n1, s0:s1].unsqueeze(-1), satt)
+        for k in range(t):
+            blk.addcmul_(alpha[n0:n1, k, s0:s1].unsqueeze(-1), go[n0:n1, k].unsqueeze(1))
+    # The linear parts of d x_r, d w and d att, from the per-row sums of g.
     gx_r.mul_(q).add_(slope * g_dst.unsqueeze(-1)).mul_(att)
     gw = (q * gw.view(hh, c) + slope * ge_sum.unsqueeze(-1)) * att
-    lin_att = ((g_dst.unsqueeze(-1) * x_r.to(ct)).sum((0, 1)) + ge_sum.unsqueeze(-1) * w)
+    lin_att = (g_dst.unsqueeze(-1) * x_r.to(ct)).sum((0, 1)) + ge_sum.unsqueeze(-1) * w
     for h in range(hh):  # sum_{n,s} g_src * x_l, one pass over x_l
         lin_att[h] += g_src[..., h].reshape(-1) @ x_l[:, :, h].reshape(-1, c).to(ct)
     gatt = q * gatt + slope * lin_att
