@@ -256,3 +256,43 @@ def test_compiled_matches_pyg(dtype):
         case = make_case(n, s, t, heads, channels=16, seed=n + s, dtype=dtype)
         got = outputs_and_grads(lambda *a: star_gatv2(*a, impl="compiled"), *case)
         assert_matches(outputs_and_grads(pyg_reference, *case), got, **tol)
+
+
+@pytest.mark.parametrize("counts", [
+    [[3, 1, 5], [1, 1, 1]],  # image-like: tokens + one CLIP node
+    [[2, 4], [3, 1], [1, 2]],  # three backbones, ragged everywhere
+    [[1], [1]],  # global nodes only
+])
+def test_star_layout_matches_fuse_graph(counts):
+    """star_layout + to_star + star_gatv2 at the global nodes == GATv2Conv on
+    fuse.graph.build_global_graph (HADA's edges and weights, self-loops included)."""
+    from fuse.graph import EdgeWeights, build_global_graph
+
+    weights = EdgeWeights(0.9, 0.7, 1.1, 1.3)
+    counts = [torch.tensor(c) for c in counts]
+    n, num_b = len(counts[0]), len(counts)
+    g = torch.Generator().manual_seed(len(counts) + n)
+    x = torch.randn(int(sum(c.sum() for c in counts)), F_IN, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    conv = GATv2Conv(F_IN, 4, heads=2, edge_dim=1, add_self_loops=False).double()
+    with torch.no_grad():
+        conv.bias.normal_(generator=g)
+
+    edge_index, edge_attr, layout = build_global_graph(counts, weights)
+    x_ref = x.clone().requires_grad_(True)
+    ref = conv((x_ref, x_ref[layout.global_index.reshape(-1)]), edge_index, edge_attr.double())
+    star = attention.star_layout(counts, weights)
+    assert star.mask.sum() == x.size(0)
+    assert star.edge_attr.shape == (n, num_b, star.mask.size(1))
+    x_got = x.clone().requires_grad_(True)
+    x_src, x_dst = attention.to_star(x_got, star)
+    out = eager(conv, x_src, star.mask, x_dst, star.edge_attr.double())
+    torch.testing.assert_close(out.reshape(n * num_b, -1), ref, rtol=1e-10, atol=1e-12)
+    weight = torch.randn(ref.shape, generator=g, dtype=ref.dtype)
+    (gx_ref,) = torch.autograd.grad((ref * weight).sum(), x_ref)
+    (gx_got,) = torch.autograd.grad((out.reshape(n * num_b, -1) * weight).sum(), x_got)
+    torch.testing.assert_close(gx_got, gx_ref, rtol=1e-10, atol=1e-12)
+    # An explicit, larger S only adds padding.
+    wide = attention.star_layout(counts, weights, max_sources=star.mask.size(1) + 3)
+    out_wide = eager(conv, *attention.to_star(x, wide)[:1], wide.mask, x_dst, wide.edge_attr.double())
+    torch.testing.assert_close(out_wide, out.detach(), rtol=1e-10, atol=1e-12)
