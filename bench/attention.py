@@ -166,9 +166,12 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pyg-max-gib", type=float, default=6.0)
+    ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--one", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.one:  # child process: memory of one (case, method)
         print(json.dumps(peak_memory(*args.one, device)))
         return
@@ -184,7 +187,8 @@ def main() -> None:
             results.append({"case": case, "method": m, "skipped": "memory"})
         rows = {}
         for m in methods:  # peak memory, each in a fresh process
-            proc = subprocess.run([sys.executable, __file__, "--one", case, m, "--device", args.device],
+            proc = subprocess.run([sys.executable, __file__, "--one", case, m, "--device", args.device,
+                                   "--threads", str(torch.get_num_threads())],
                                   capture_output=True, text=True, cwd=ROOT)
             if proc.returncode != 0:
                 print(f"{case:<11} {m:<9} FAILED\n{proc.stderr[-2000:]}")

@@ -90,6 +90,16 @@ def _fused_scores(x_l: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor,
     return (F.leaky_relu(z, slope) * att).sum(-1)
 
 
+def _fused_messages(alpha: Tensor, x_l: Tensor) -> Tensor:
+    """out[n, t, h] = sum_s alpha[n, t, s, h] * x_l[n, s, h], in x_l's dtype."""
+    return (alpha.unsqueeze(-1) * x_l.unsqueeze(1).to(alpha.dtype)).sum(2).to(x_l.dtype)
+
+
+def _fused_grad_alpha(g_out: Tensor, x_l: Tensor, ct: torch.dtype) -> Tensor:
+    """d alpha[n, t, s, h] = g_out[n, t, h] . x_l[n, s, h], in the compute dtype."""
+    return (x_l.unsqueeze(1).to(ct) * g_out.unsqueeze(2).to(ct)).sum(-1)
+
+
 def _fused_grad_src(x_l: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor, g: Tensor,
                     alpha: Tensor, g_out: Tensor, slope: float) -> Tensor:
     """d x_l = sum_t [alpha * g_out (message) + att * leaky'(z) * g (score)]."""
@@ -106,24 +116,18 @@ def _fused_grad_src(x_l: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor,
 
 def _fused_grad_dst(x_l: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor, g: Tensor,
                     slope: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(d x_r, d w, d att) from one reduction over s.
-
-    The three sums over s share z; they are stacked along a new dim k so that
-    inductor emits a single reduction and never stores the (N, T, S, H, C)
-    intermediates it would otherwise share between three reductions.
-    """
+    """(d x_r, d w, d att) from three sums over s that inductor fuses into one loop nest
+    (z computed once per element, three accumulators)."""
     ct = att.dtype
-    z = (x_l.unsqueeze(1).to(ct) + x_r.unsqueeze(2).to(ct) + e[..., None, None] * w).unsqueeze(2)
-    g6 = g[:, :, None, :, :, None]  # (N, T, 1, S, H, 1)
-    e6 = e[:, :, None, :, None, None]
-    k = torch.arange(3, device=z.device).view(1, 1, 3, 1, 1, 1)
+    z = x_l.unsqueeze(1).to(ct) + x_r.unsqueeze(2).to(ct) + e[..., None, None] * w
     pos = z > 0
-    # leaky'(z) from 0-d tensors: where() of two Python scalars would be float32 even for
-    # float64 inputs. No big intermediate is named twice: inductor would store it.
-    d = torch.where(pos, att.new_ones(()), att.new_full((), slope))
-    v = torch.where(k == 0, d * g6, torch.where(k == 1, d * g6 * e6, torch.where(pos, z, slope * z) * g6))
-    r = v.sum(3)  # (N, T, 3, H, C)
-    return r[:, :, 0] * att, r[:, :, 1].sum((0, 1)) * att, r[:, :, 2].sum((0, 1))
+    # Small (N, T, S, H, 1) factors; where() picks g or slope * g: leaky'(z) * g, exactly.
+    g5 = g.unsqueeze(-1)
+    ge5 = g5 * e[..., None, None]
+    d_sum = torch.where(pos, g5, slope * g5).sum(2)  # (N, T, H, C)
+    de_sum = torch.where(pos, ge5, slope * ge5).sum(2)
+    lz_sum = (torch.where(pos, z, slope * z) * g5).sum(2)
+    return d_sum * att, de_sum.sum((0, 1)) * att, lz_sum.sum((0, 1))
 
 
 def _fused_grad_edge(x_l: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor, g: Tensor,
@@ -175,6 +179,25 @@ def _eager_scores(x_l, x_r, e, w, att, slope, chunk):
         r = _relu_z(x_l, x_r, e, w, n0, n1, s0, s1)
         scores[n0:n1, :, s0:s1] += torch.linalg.vecdot(r, att).mul_(1 - slope)
     return scores
+
+
+def _eager_messages(alpha: Tensor, x_l: Tensor) -> Tensor:
+    """Per-head batched matmuls (N, T, S) @ (N, S, C), in x_l's dtype."""
+    a = alpha.to(x_l.dtype)
+    n, s, hh, c = x_l.shape
+    out = x_l.new_empty(n, alpha.size(1), hh, c)
+    for h in range(hh):
+        torch.bmm(a[..., h], x_l[:, :, h], out=out[:, :, h])
+    return out
+
+
+def _eager_grad_alpha(g_out: Tensor, x_l: Tensor, ct: torch.dtype) -> Tensor:
+    go = g_out.to(x_l.dtype)
+    n, s, hh, c = x_l.shape
+    g_alpha = torch.empty(n, g_out.size(1), s, hh, dtype=ct, device=x_l.device)
+    for h in range(hh):
+        g_alpha[..., h] = torch.bmm(go[:, :, h], x_l[:, :, h].transpose(1, 2))
+    return g_alpha
 
 
 def _eager_grads(x_l, x_r, e, w, att, g, alpha, g_out, slope, chunk, need_edge):
@@ -267,6 +290,14 @@ class _Kernels:
         ok, out = self._try_compiled("scores", _fused_scores, x_l, x_r, e, w, att, slope)
         return out if ok else _eager_scores(x_l, x_r, e, w, att, slope, self.chunk)
 
+    def messages(self, alpha, x_l):
+        ok, out = self._try_compiled("messages", _fused_messages, alpha, x_l)
+        return out if ok else _eager_messages(alpha, x_l)
+
+    def grad_alpha(self, g_out, x_l, ct):
+        ok, out = self._try_compiled("grad_alpha", _fused_grad_alpha, g_out, x_l, ct)
+        return out if ok else _eager_grad_alpha(g_out, x_l, ct)
+
     def grads(self, x_l, x_r, e, w, att, g, alpha, g_out, slope, need_edge):
         ok, gx_l = self._try_compiled("grad_src", _fused_grad_src,
                                       x_l, x_r, e, w, att, g, alpha, g_out, slope)
@@ -284,7 +315,6 @@ class _StarAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_l, x_r, e, src_mask, w, att, slope, p, training, kernels):
-        n, s, hh, c = x_l.shape
         with torch.autocast(x_l.device.type, enabled=False):  # dtypes are chosen here
             scores = kernels.scores(x_l, x_r, e, w, att, slope)  # (N, T, S, H)
             scores.masked_fill_(~src_mask[:, None, :, None], float("-inf"))
@@ -295,10 +325,7 @@ class _StarAttention(torch.autograd.Function):
                 noise = (torch.zeros_like(alpha) if p >= 1
                          else torch.empty_like(alpha).bernoulli_(1 - p).div_(1 - p))
             alpha_d = alpha if noise is None else alpha * noise
-            a = alpha_d.to(x_l.dtype)
-            out = x_l.new_empty(n, x_r.size(1), hh, c)
-            for h in range(hh):
-                torch.bmm(a[..., h], x_l[:, :, h], out=out[:, :, h])
+            out = kernels.messages(alpha_d, x_l)  # (N, T, H, C)
         ctx.save_for_backward(x_l, x_r, e, w, att, alpha, alpha_d, noise)
         ctx.slope, ctx.kernels = slope, kernels
         return out
@@ -306,13 +333,9 @@ class _StarAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_out):
         x_l, x_r, e, w, att, alpha, alpha_d, noise = ctx.saved_tensors
-        hh = x_l.size(2)
         with torch.autocast(x_l.device.type, enabled=False):
             g_out = g_out.contiguous()
-            go = g_out.to(x_l.dtype)
-            g_alpha = torch.empty_like(alpha)  # d loss / d alpha_d
-            for h in range(hh):
-                g_alpha[..., h] = torch.bmm(go[:, :, h], x_l[:, :, h].transpose(1, 2))
+            g_alpha = ctx.kernels.grad_alpha(g_out, x_l, alpha.dtype)  # d loss / d alpha_d
             if noise is not None:
                 g_alpha.mul_(noise)
             # Softmax backward over s; masked sources have alpha = 0 and get g = 0.
