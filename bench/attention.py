@@ -14,12 +14,15 @@ Methods:
   pyg       GATv2Conv.forward on the equivalent bipartite edge list (built outside the timing)
 
 Timings run in one process, the methods interleaved repeat by repeat, so that a change of load
-on a shared machine hits them alike. Peak memory comes from a fresh process per (case, method)
-(warm-up + one step): on CPU the peak resident set size minus the resident size before the
-warm-up (inputs and parameters excluded); on CUDA max_memory_allocated minus the allocation
-before it. PyG is skipped where its
-per-edge tensors would exceed --pyg-max-gib (estimated as 12 x E x H x C x 4 bytes), so as not to
-exhaust a shared machine.
+on a shared machine hits them alike. Peak memory comes from a fresh process per (case, method):
+the peak during one step after the warm-up step, minus the memory held before the warm-up
+(inputs and parameters): on CPU resident memory (VmHWM - VmRSS), on CUDA allocated memory.
+PyG is skipped where its per-edge tensors would exceed --pyg-max-gib (estimated as
+12 x E x H x C x 4 bytes), so as not to exhaust a shared machine.
+
+On a CPU VM, every first touch of a page of a freshly allocated tensor costs microseconds
+(glibc returns large blocks to the OS on free): ~0.1 s per 200 MB of new output, for every
+method alike. --keep-heap keeps freed memory mapped (mallopt) and shows the times without that.
 
     PYTHONPATH=. python bench/attention.py --out runs/bench/attention_cpu.json
     PYTHONPATH=. python bench/attention.py --cases image40 caption128 --methods floor compiled
@@ -28,9 +31,9 @@ exhaust a shared machine.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -77,9 +80,29 @@ def edge_list(mask: torch.Tensor, edge_attr: torch.Tensor):
     return torch.stack([nn * s + ss, nn * t + tt]), edge_attr[nn, tt, ss].unsqueeze(1)
 
 
-def rss_gib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 30
+def keep_heap() -> None:
+    """No mmap for large blocks (M_MMAP_MAX = 0) and no trimming (M_TRIM_THRESHOLD): a freed
+    tensor's pages stay mapped for the next one. On a VM each first touch of a 4 KiB page costs
+    microseconds, i.e. ~0.1 s per 200 MB of fresh output."""
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-4, 0)
+    libc.mallopt(-1, 2 ** 31 - 1)
+
+
+def rss_gib(field: str = "VmRSS") -> float:
+    """This process's resident memory (VmRSS) or its peak since the last reset (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2 ** 20
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """VmHWM := VmRSS (Linux >= 4.0). getrusage's ru_maxrss cannot be reset, and a child
+    process inherits its parent's."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 class Runner:
@@ -136,19 +159,25 @@ class Runner:
 
 
 def peak_memory(case: str, method: str, device: torch.device) -> dict:
-    """Warm-up step, then one forward + backward; the peak above the memory held before."""
+    """Peak memory of one forward + backward after a warm-up step, above the memory held
+    before the warm-up (inputs, parameters)."""
     runner = Runner(case, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
+        reset_peak_rss()
         base = rss_gib()
     warm = runner.timed(method, True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()  # compile-time memory out, the warm-up's tensors are freed
     runner.step(method, True)
     if device.type == "cuda":
         peak = (torch.cuda.max_memory_allocated(device) - base) / 2 ** 30
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20 - base
+        peak = rss_gib("VmHWM") - base
     return {"peak_gib": peak, "warmup_s": warm}
 
 
@@ -167,9 +196,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--pyg-max-gib", type=float, default=6.0)
     ap.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--keep-heap", action="store_true",
+                    help="glibc: serve large blocks from the heap and keep freed memory mapped "
+                         "(mallopt), so that fresh tensors do not page-fault")
     ap.add_argument("--one", nargs=2, metavar=("CASE", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.keep_heap:
+        keep_heap()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:  # child process: memory of one (case, method)
@@ -188,7 +222,8 @@ def main() -> None:
         rows = {}
         for m in methods:  # peak memory, each in a fresh process
             proc = subprocess.run([sys.executable, __file__, "--one", case, m, "--device", args.device,
-                                   "--threads", str(torch.get_num_threads())],
+                                   "--threads", str(torch.get_num_threads())]
+                                  + (["--keep-heap"] if args.keep_heap else []),
                                   capture_output=True, text=True, cwd=ROOT)
             if proc.returncode != 0:
                 print(f"{case:<11} {m:<9} FAILED\n{proc.stderr[-2000:]}")
@@ -213,7 +248,8 @@ def main() -> None:
                   f" {r['peak_gib']:8.2f} {r['warmup_s']:9.1f}", flush=True)
             results.append(r)
         del runner
-    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "nproc": os.cpu_count(),
+    info = {"keep_heap": args.keep_heap, "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "nproc": os.cpu_count(),
             "device": args.device, "loadavg_start": load_start,
             "loadavg_end": [round(x, 2) for x in os.getloadavg()],
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "repeats": args.repeats,

@@ -16,24 +16,27 @@ sources ``s`` (``lin_*`` and ``att``, ``bias`` are the conv's parameters)::
 
 PyG materialises ``z`` and several other per-edge (N*T*S, H, C) tensors and keeps
 them for backward. Here a custom autograd function keeps only ``x_l``, ``x_r``
-and the (N, T, S, H) attention, and recomputes ``z`` on the fly in backward:
+and (N, T, S, H) attention tensors, and recomputes ``z`` in backward. Per step,
+after the projections, it makes five passes over ``x_l``-sized data and stores
+nothing larger than ``x_l``:
 
-* scores: one fused elementwise + reduction pass over ``x_l`` per target;
-* messages: per-head batched matmuls ``alpha (N, T, S) @ x_l (N, S, C)``;
-* backward: ``d out / d alpha`` by batched matmul, then one fused pass that
-  writes ``d x_l`` (message and score terms together) and one fused reduction
-  over s for ``d x_r``, ``d lin_edge.weight`` and ``d att``.
+* forward: scores (elementwise + reduction over c, per target), masked softmax
+  over s in float32, dropout, messages (reduction over s);
+* backward: ``d alpha`` (reduction over c), softmax backward, one pass writing
+  ``d x_l`` (message and score terms together), one reduction over s giving
+  ``d x_r``, ``d lin_edge.weight`` and ``d att``.
 
-Two implementations of the fused passes:
+Two implementations of those passes:
 
 * ``compiled``: ``torch.compile`` of whole-tensor expressions; inductor turns
-  each into loops that never store a (N, T, S, H, C) tensor (C++/OpenMP on CPU,
-  Triton on GPU). Compiled lazily on first use (~10-30 s per kernel on a 2-core
-  CPU; shapes are dynamic, so new batch or token counts do not recompile).
-* ``eager``: plain PyTorch on chunks of at most ``chunk_elems`` elements of
-  ``z``, in place where possible. Uses ``leaky(z) = s*z + (1-s)*relu(z)``: the
-  linear part factorises into cheap dot products, only the relu part needs the
-  elementwise pass.
+  each into one loop nest that never stores a (N, T, S, H, C) tensor (C++/OpenMP
+  on CPU, Triton on GPU). Compiled lazily on first use (about 10-60 s in all on a
+  2-core CPU, cached on disk by inductor); shapes are dynamic, so new batch or
+  token counts do not recompile (sizes 0/1, T, dtypes and devices do).
+* ``eager``: plain PyTorch on blocks of at most ``chunk_elems`` elements of
+  ``z``, in place where possible, messages and ``d alpha`` by per-head batched
+  matmuls. It uses ``leaky(z) = s*z + (1-s)*relu(z)``: the linear part
+  factorises into dot products with ``att``, only the relu part needs ``z``.
 
 ``impl="auto"`` (the default) uses ``compiled`` and falls back to ``eager``,
 with a warning, for the rest of the process if compiling fails. The default can
