@@ -247,6 +247,19 @@ def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch):
         star_gatv2(*case, impl="compiled")
 
 
+@pytest.mark.parametrize("n,s,t,heads", SHAPES)
+def test_fused_expressions_match_pyg(monkeypatch, n, s, t, heads):
+    """The whole-tensor expressions that impl="compiled" hands to torch.compile, run as plain
+    PyTorch (torch.compile stubbed out): their math, without the compile time."""
+    monkeypatch.setattr(attention, "_compiled", attention._Compiled())
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    case = make_case(n, s, t, heads, seed=n + s)
+    got = outputs_and_grads(lambda *a: star_gatv2(*a, impl="compiled"), *case)
+    assert set(attention._compiled._fns) == {"scores", "messages", "grad_alpha", "grad_src",
+                                              "grad_dst", "grad_edge"}
+    assert_matches(outputs_and_grads(pyg_reference, *case), got, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_compiled_matches_pyg(dtype):
