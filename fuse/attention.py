@@ -281,9 +281,9 @@ class _Kernels:
             return True, _compiled(name, fn, *args)
         try:
             return True, _compiled(name, fn, *args)
-        except torch.OutOfMemoryError:
-            raise
         except Exception as err:  # no C++ compiler, no Triton, an inductor bug...
+            if isinstance(err, torch.OutOfMemoryError) or "allocate memory" in str(err):
+                raise  # the eager passes would not fit either; not a compiler problem
             _compiled.error = err
             warnings.warn(f"fuse.attention: torch.compile failed ({type(err).__name__}: {err}); "
                           "using the eager implementation from now on", RuntimeWarning)

@@ -247,6 +247,19 @@ def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch):
         star_gatv2(*case, impl="compiled")
 
 
+def test_auto_does_not_fall_back_on_out_of_memory(monkeypatch):
+    def compile_oom(fn, **kw):
+        def run(*args):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+        return run
+
+    monkeypatch.setattr(attention, "_compiled", attention._Compiled())
+    monkeypatch.setattr(torch, "compile", compile_oom)
+    with pytest.raises(RuntimeError, match="allocate memory"):
+        star_gatv2(*make_case(2, 5, 2, 1), impl="auto")
+    assert attention._compiled.error is None
+
+
 @pytest.mark.parametrize("n,s,t,heads", SHAPES)
 def test_fused_expressions_match_pyg(monkeypatch, n, s, t, heads):
     """The whole-tensor expressions that impl="compiled" hands to torch.compile, run as plain
