@@ -1,0 +1,487 @@
+"""One GATv2 layer on HADA's star graphs, dense per sample, without per-edge (E, H, C) tensors.
+
+HADA reads out only the global nodes, and every node of a sample (its own row
+included, as the self-loop) is a source of every global node of that sample.
+Per sample n the layer is therefore dense attention of T targets over S sources.
+:func:`star_gatv2` computes exactly what PyG's ``GATv2Conv.forward`` computes on
+that bipartite edge list (``add_self_loops=False``), for targets ``t`` and
+sources ``s`` (``lin_*`` and ``att``, ``bias`` are the conv's parameters)::
+
+    x_l = lin_l(x_src)                                  (N, S, H, C)
+    x_r = lin_r(x_dst)                                  (N, T, H, C)
+    z[n, t, s] = x_l[n, s] + x_r[n, t] + e[n, t, s] * w (H, C), w = lin_edge.weight
+    score[n, t, s, h] = sum_c att[h, c] * leaky_relu(z[n, t, s, h, c])
+    alpha = dropout(softmax over the real s of score)   (N, T, S, H), float32
+    out[n, t, h] = sum_s alpha[n, t, s, h] * x_l[n, s, h] (concat heads) + bias
+
+PyG materialises ``z`` and several other per-edge (N*T*S, H, C) tensors and keeps
+them for backward. Here a custom autograd function keeps only ``x_l``, ``x_r``
+and (N, T, S, H) attention tensors, and recomputes ``z`` in backward. Per step,
+after the projections, it makes five passes over ``x_l``-sized data and stores
+nothing larger than ``x_l``:
+
+* forward: scores (elementwise + reduction over c, per target), masked softmax
+  over s in float32, dropout, messages (reduction over s);
+* backward: ``d alpha`` (reduction over c), softmax backward, one pass writing
+  ``d x_l`` (message and score terms together), one reduction over s giving
+  ``d x_r``, ``d lin_edge.weight`` and ``d att``.
+
+Two implementations of those passes:
+
+* ``compiled``: ``torch.compile`` of whole-tensor expressions; inductor turns
+  each into one loop nest that never stores a (N, T, S, H, C) tensor (C++/OpenMP
+  on CPU, Triton on GPU). Compiled lazily on first use (about 10-60 s in all on a
+  2-core CPU, cached on disk by inductor); shapes are dynamic, so new batch or
+  token counts do not recompile (sizes 0/1, T, dtypes and devices do).
+* ``eager``: plain PyTorch on blocks of at most ``chunk_elems`` elements of
+  ``z``, in place where possible, messages and ``d alpha`` by per-head batched
+  matmuls. It uses ``leaky(z) = s*z + (1-s)*relu(z)``: the linear part
+  factorises into dot products with ``att``, only the relu part needs ``z``.
+
+``impl="auto"`` (the default) uses ``compiled`` and falls back to ``eager``,
+with a warning, for the rest of the process if compiling fails. The default can
+be changed with :func:`set_default_impl` or the ``FUSE_ATTENTION_IMPL``
+environment variable (``auto``, ``compiled``, ``eager``).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .graph import EdgeWeights
+
+IMPLS = ("auto", "compiled", "eager")
+_default_impl = os.environ.get("FUSE_ATTENTION_IMPL", "auto")
+if _default_impl not in IMPLS:
+    raise ValueError(f"FUSE_ATTENTION_IMPL must be one of {IMPLS}, got {_default_impl!r}")
+
+
+def set_default_impl(impl: str) -> None:
+    """Choose the implementation used when ``star_gatv2`` gets ``impl=None``."""
+    global _default_impl
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    _default_impl = impl
+
+
+def default_chunk_elems(device: torch.device) -> int:
+    """Elements of ``z`` per eager chunk: cache-sized on CPU, large on GPUs."""
+    return 1 << 18 if device.type == "cpu" else 1 << 26
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Scores, softmax and parameter gradients: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------
+# Whole-tensor expressions of the fused passes: the sources that torch.compile fuses.
+# Shapes: x_l (N, S, H, C), x_r (N, T, H, C), e (N, T, S), w and att (H, C) in the
+# compute dtype, g (score gradient) and alpha (N, T, S, H), g_out (N, T, H, C).
+# Python loops over T unroll (T is 2 or 3), so every pass is one loop nest over x_l.
+# --------------------------------------------------------------------------------------
+
+def _fused_scores(x_l: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor,
+                  slope: float) -> Tensor:
+    ct = att.dtype
+    z = x_l.unsqueeze(1).to(ct) + x_r.unsqueeze(2).to(ct) + e[..., None, None] * w
+    return (F.leaky_relu(z, slope) * att).sum(-1)
+
+
+def _fused_messages(alpha: Tensor, x_l: Tensor) -> Tensor:
+    """out[n, t, h] = sum_s alpha[n, t, s, h] * x_l[n, s, h], in x_l's dtype."""
+    return (alpha.unsqueeze(-1) * x_l.unsqueeze(1).to(alpha.dtype)).sum(2).to(x_l.dtype)
+
+
+def _fused_grad_alpha(g_out: Tensor, x_l: Tensor, ct: torch.dtype) -> Tensor:
+    """d alpha[n, t, s, h] = g_out[n, t, h] . x_l[n, s, h], in the compute dtype."""
+    return (x_l.unsqueeze(1).to(ct) * g_out.unsqueeze(2).to(ct)).sum(-1)
+
+
+def _fused_grad_src(x_l: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor, g: Tensor,
+                    alpha: Tensor, g_out: Tensor, slope: float) -> Tensor:
+    """d x_l = sum_t [alpha * g_out (message) + att * leaky'(z) * g (score)]."""
+    ct = att.dtype
+    x = x_l.to(ct)
+    acc = None
+    for t in range(x_r.size(1)):
+        z = x + x_r[:, t, None].to(ct) + e[:, t, :, None, None] * w
+        gt = g[:, t, :, :, None] * att
+        term = torch.where(z > 0, gt, slope * gt) + alpha[:, t, :, :, None] * g_out[:, t, None].to(ct)
+        acc = term if acc is None else acc + term
+    return acc.to(x_l.dtype)
+
+
+def _fused_grad_dst(x_l: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor, g: Tensor,
+                    slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(d x_r, d w, d att) from three sums over s that inductor fuses into one loop nest
+    (z computed once per element, three accumulators)."""
+    ct = att.dtype
+    z = x_l.unsqueeze(1).to(ct) + x_r.unsqueeze(2).to(ct) + e[..., None, None] * w
+    pos = z > 0
+    # Small (N, T, S, H, 1) factors; where() picks g or slope * g: leaky'(z) * g, exactly.
+    g5 = g.unsqueeze(-1)
+    ge5 = g5 * e[..., None, None]
+    d_sum = torch.where(pos, g5, slope * g5).sum(2)  # (N, T, H, C)
+    de_sum = torch.where(pos, ge5, slope * ge5).sum(2)
+    lz_sum = (torch.where(pos, z, slope * z) * g5).sum(2)
+    return d_sum * att, de_sum.sum((0, 1)) * att, lz_sum.sum((0, 1))
+
+
+def _fused_grad_edge(x_l: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor, g: Tensor,
+                     slope: float) -> Tensor:
+    """d e[n, t, s] = sum_{h, c} g * leaky'(z) * att * w."""
+    ct = att.dtype
+    z = x_l.unsqueeze(1).to(ct) + x_r.unsqueeze(2).to(ct) + e[..., None, None] * w
+    aw = att * w
+    return (torch.where(z > 0, aw, slope * aw).sum(-1) * g).sum(-1)
+
+
+# --------------------------------------------------------------------------------------
+# Eager, chunked versions of the same passes.
+# --------------------------------------------------------------------------------------
+
+def _chunks(n: int, t: int, s: int, row: int, budget: int):
+    """(n0, n1, s0, s1) blocks whose z (n1-n0, t, s1-s0, row) has <= budget elements
+    (at least one source row)."""
+    per_s = t * row
+    sb = max(1, min(s, budget // per_s))
+    nb = max(1, budget // (per_s * s)) if sb == s else 1
+    for n0 in range(0, n, nb):
+        for s0 in range(0, s, sb):
+            yield n0, min(n, n0 + nb), s0, min(s, s0 + sb)
+
+
+def _relu_z(x_l, x_r, e, w, n0, n1, s0, s1):
+    """relu(z) of one block, (nb, T, sb, H, C) in the compute dtype (a fresh tensor)."""
+    z = x_r[n0:n1, :, None].to(w.dtype) + x_l[n0:n1, None, s0:s1]
+    z.addcmul_(e[n0:n1, :, s0:s1, None, None], w)
+    return z.relu_()
+
+
+def _head_dot(x: Tensor, v: Tensor) -> Tensor:
+    """x (..., H, C) . v (H, C) -> (..., H), one matrix-vector product per head."""
+    out = x.new_empty(x.shape[:-1], dtype=v.dtype)
+    for h in range(v.size(0)):
+        out[..., h] = x[..., h, :].to(v.dtype) @ v[h]
+    return out
+
+
+def _eager_scores(x_l, x_r, e, w, att, slope, chunk):
+    # Linear part: slope * att . (x_l + x_r + e w), from dot products.
+    lin = (_head_dot(x_l, att).unsqueeze(1) + _head_dot(x_r, att).unsqueeze(2)
+           + e.unsqueeze(-1) * (att * w).sum(-1))
+    n, t, s, hh, c = *e.shape, *att.shape
+    scores = lin.mul_(slope)
+    for n0, n1, s0, s1 in _chunks(n, t, s, hh * c, chunk):
+        r = _relu_z(x_l, x_r, e, w, n0, n1, s0, s1)
+        scores[n0:n1, :, s0:s1] += torch.linalg.vecdot(r, att).mul_(1 - slope)
+    return scores
+
+
+def _eager_messages(alpha: Tensor, x_l: Tensor) -> Tensor:
+    """Per-head batched matmuls (N, T, S) @ (N, S, C), in x_l's dtype."""
+    a = alpha.to(x_l.dtype)
+    n, s, hh, c = x_l.shape
+    out = x_l.new_empty(n, alpha.size(1), hh, c)
+    for h in range(hh):
+        torch.bmm(a[..., h], x_l[:, :, h], out=out[:, :, h])
+    return out
+
+
+def _eager_grad_alpha(g_out: Tensor, x_l: Tensor, ct: torch.dtype) -> Tensor:
+    go = g_out.to(x_l.dtype)
+    n, s, hh, c = x_l.shape
+    g_alpha = torch.empty(n, g_out.size(1), s, hh, dtype=ct, device=x_l.device)
+    for h in range(hh):
+        g_alpha[..., h] = torch.bmm(go[:, :, h], x_l[:, :, h].transpose(1, 2))
+    return g_alpha
+
+
+def _eager_grads(x_l, x_r, e, w, att, g, alpha, g_out, slope, chunk, need_edge):
+    """(d x_l, d x_r, d w, d att, d e or None), with the leaky_relu split of the forward:
+    only the relu part needs z; p = g * [z > 0] carries it."""
+    n, t, s, hh, c = *e.shape, *att.shape
+    ct = att.dtype
+    q = 1 - slope
+    g_src, g_dst = g.sum(1), g.sum(2)  # (N, S, H), (N, T, H)
+    ge_sum = (g * e.unsqueeze(-1)).sum((0, 1, 2))  # (H,)
+    gx_l = torch.empty(n, s, hh, c, dtype=ct, device=x_l.device)
+    gx_r = torch.zeros(n, t, hh, c, dtype=ct, device=x_l.device)
+    gw = torch.zeros(hh * c, dtype=ct, device=x_l.device)
+    gatt = torch.zeros(hh, c, dtype=ct, device=x_l.device)
+    ge = (slope * g * (att * w).sum(-1)).sum(-1) if need_edge else None
+    go = g_out.to(ct)
+    qatt, satt = q * att, slope * att
+    for n0, n1, s0, s1 in _chunks(n, t, s, hh * c, chunk):
+        r = _relu_z(x_l, x_r, e, w, n0, n1, s0, s1)
+        gb = g[n0:n1, :, s0:s1]
+        m = gb.numel() // hh
+        # sum of g * relu(z) per head as one (H, m) @ (m, H*C) GEMM and its diagonal blocks:
+        # H times the flops of per-head products, which (strided GEMVs) run slower.
+        gatt += (gb.reshape(m, hh).t() @ r.view(m, hh * c)).view(hh, hh, c).diagonal().t()
+        p = r.sign_().mul_(gb.unsqueeze(-1))  # relu(z) >= 0, so sign() is [z > 0]
+        gx_r[n0:n1] += p.sum(2)
+        gw += e[n0:n1, :, s0:s1].reshape(m) @ p.view(m, hh * c)
+        if need_edge:
+            ge[n0:n1, :, s0:s1] += (p.view(m, hh * c) @ (qatt * w).view(-1)).view(gb.shape[:-1])
+        # d x_l = att * (q * sum_t p + slope * sum_t g) + sum_t alpha * g_out (the message);
+        # T is small, so the message term is T fused multiply-adds, not a K = T matmul.
+        blk = gx_l[n0:n1, s0:s1]
+        torch.sum(p, 1, out=blk)
+        blk.mul_(qatt).addcmul_(g_src[n0:n1, s0:s1].unsqueeze(-1), satt)
+        for k in range(t):
+            blk.addcmul_(alpha[n0:n1, k, s0:s1].unsqueeze(-1), go[n0:n1, k].unsqueeze(1))
+    # The linear parts of d x_r, d w and d att, from the per-row sums of g.
+    gx_r.mul_(q).add_(slope * g_dst.unsqueeze(-1)).mul_(att)
+    gw = (q * gw.view(hh, c) + slope * ge_sum.unsqueeze(-1)) * att
+    lin_att = (g_dst.unsqueeze(-1) * x_r.to(ct)).sum((0, 1)) + ge_sum.unsqueeze(-1) * w
+    for h in range(hh):  # sum_{n,s} g_src * x_l, one pass over x_l
+        lin_att[h] += g_src[..., h].reshape(-1) @ x_l[:, :, h].reshape(-1, c).to(ct)
+    gatt = q * gatt + slope * lin_att
+    return gx_l.to(x_l.dtype), gx_r, gw, gatt, ge
+
+
+# --------------------------------------------------------------------------------------
+# Dispatch between the two.
+# --------------------------------------------------------------------------------------
+
+class _Compiled:
+    """Lazily compiled fused passes; remembers a compile failure (then impl 'auto' runs eager)."""
+
+    def __init__(self):
+        self._fns: dict[str, Callable] = {}
+        self.error: Optional[BaseException] = None
+
+    def __call__(self, name: str, fn: Callable, *args):
+        if name not in self._fns:
+            self._fns[name] = torch.compile(fn, dynamic=True)
+        return self._fns[name](*args)
+
+
+_compiled = _Compiled()
+
+
+class _Kernels:
+    """The fused passes for one call: compiled, eager, or compiled with eager fallback."""
+
+    def __init__(self, impl: str, chunk: int):
+        self.impl, self.chunk = impl, chunk
+
+    def _try_compiled(self, name, fn, *args):
+        """(True, result) from the compiled pass, or (False, None) to run eager."""
+        if self.impl == "eager" or (self.impl == "auto" and _compiled.error is not None):
+            return False, None
+        if self.impl == "compiled":
+            return True, _compiled(name, fn, *args)
+        try:
+            return True, _compiled(name, fn, *args)
+        except Exception as err:  # no C++ compiler, no Triton, an inductor bug...
+            if isinstance(err, torch.OutOfMemoryError) or "allocate memory" in str(err):
+                raise  # the eager passes would not fit either; not a compiler problem
+            _compiled.error = err
+            warnings.warn(f"fuse.attention: torch.compile failed ({type(err).__name__}: {err}); "
+                          "using the eager implementation from now on", RuntimeWarning)
+            return False, None
+
+    def scores(self, x_l, x_r, e, w, att, slope):
+        ok, out = self._try_compiled("scores", _fused_scores, x_l, x_r, e, w, att, slope)
+        return out if ok else _eager_scores(x_l, x_r, e, w, att, slope, self.chunk)
+
+    def messages(self, alpha, x_l):
+        ok, out = self._try_compiled("messages", _fused_messages, alpha, x_l)
+        return out if ok else _eager_messages(alpha, x_l)
+
+    def grad_alpha(self, g_out, x_l, ct):
+        ok, out = self._try_compiled("grad_alpha", _fused_grad_alpha, g_out, x_l, ct)
+        return out if ok else _eager_grad_alpha(g_out, x_l, ct)
+
+    def grads(self, x_l, x_r, e, w, att, g, alpha, g_out, slope, need_edge):
+        ok, gx_l = self._try_compiled("grad_src", _fused_grad_src,
+                                      x_l, x_r, e, w, att, g, alpha, g_out, slope)
+        if ok:
+            ok, dst = self._try_compiled("grad_dst", _fused_grad_dst, x_l, x_r, e, w, att, g, slope)
+        if ok and need_edge:
+            ok, ge = self._try_compiled("grad_edge", _fused_grad_edge, x_l, x_r, e, w, att, g, slope)
+        if ok:
+            return (gx_l, *dst, ge if need_edge else None)
+        return _eager_grads(x_l, x_r, e, w, att, g, alpha, g_out, slope, self.chunk, need_edge)
+
+
+class _StarAttention(torch.autograd.Function):
+    """messages (N, T, H, C) from x_l, x_r, masked edge attrs, lin_edge weight and att."""
+
+    @staticmethod
+    def forward(ctx, x_l, x_r, e, src_mask, w, att, slope, p, training, kernels):
+        with torch.autocast(x_l.device.type, enabled=False):  # dtypes are chosen here
+            scores = kernels.scores(x_l, x_r, e, w, att, slope)  # (N, T, S, H)
+            scores.masked_fill_(~src_mask[:, None, :, None], float("-inf"))
+            alpha = torch.softmax(scores, dim=2)
+            noise = None
+            if training and p > 0:
+                # Inverted dropout as F.dropout draws it (same mask for the same RNG state on CPU).
+                noise = (torch.zeros_like(alpha) if p >= 1
+                         else torch.empty_like(alpha).bernoulli_(1 - p).div_(1 - p))
+            alpha_d = alpha if noise is None else alpha * noise
+            out = kernels.messages(alpha_d, x_l)  # (N, T, H, C)
+        ctx.save_for_backward(x_l, x_r, e, w, att, alpha, alpha_d, noise)
+        ctx.slope, ctx.kernels = slope, kernels
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        x_l, x_r, e, w, att, alpha, alpha_d, noise = ctx.saved_tensors
+        with torch.autocast(x_l.device.type, enabled=False):
+            g_out = g_out.contiguous()
+            g_alpha = ctx.kernels.grad_alpha(g_out, x_l, alpha.dtype)  # d loss / d alpha_d
+            if noise is not None:
+                g_alpha.mul_(noise)
+            # Softmax backward over s; masked sources have alpha = 0 and get g = 0.
+            g = alpha * (g_alpha - (alpha * g_alpha).sum(2, keepdim=True))
+            gx_l, gx_r, gw, gatt, ge = ctx.kernels.grads(
+                x_l, x_r, e, w, att, g, alpha_d, g_out, ctx.slope, ctx.needs_input_grad[2])
+        return (gx_l, gx_r.to(x_r.dtype), None if ge is None else ge.to(e.dtype), None,
+                gw.to(w.dtype), gatt.to(att.dtype), None, None, None, None)
+
+
+def star_gatv2(conv, x_src: Tensor, src_mask: Tensor, x_dst: Tensor, edge_attr: Optional[Tensor],
+               *, impl: Optional[str] = None, chunk_elems: Optional[int] = None) -> Tensor:
+    """PyG ``GATv2Conv`` on per-sample dense bipartite graphs ("stars").
+
+    Sample n has sources ``x_src[n, s]`` for the ``s`` with ``src_mask[n, s]`` and
+    targets ``x_dst[n, t]``; every real source sends an edge to every target of
+    its sample, with attribute ``edge_attr[n, t, s]``. Self-loops are not added:
+    a target that should attend to itself must also be one of the sources
+    (HADA: the global node's own row), with the self-loop's attribute.
+
+    Args:
+        conv: a ``torch_geometric.nn.GATv2Conv`` with ``edge_dim`` 1 or None. Its
+            ``add_self_loops`` flag is ignored (see above); ``dropout`` applies to
+            the attention when ``conv.training``; ``concat``, ``bias``,
+            ``residual`` and ``share_weights`` are honoured.
+        x_src: (N, S, F_src) source features, padded; padding rows must be finite
+            (e.g. zeros) and get zero gradient.
+        src_mask: (N, S) bool, True for real sources; every sample needs one.
+        x_dst: (N, T, F_dst) target features.
+        edge_attr: (N, T, S) (or (N, T, S, 1)) attributes of the edges s -> t;
+            padding entries are ignored. None when ``conv.edge_dim`` is None.
+        impl: "compiled", "eager" or "auto" (compiled, falling back to eager if
+            compiling fails); None uses the default (see :func:`set_default_impl`).
+        chunk_elems: eager block size in elements of z (default: by device).
+
+    Returns:
+        (N, T, H * C) (or (N, T, C) when ``concat=False``): the conv's output at
+        the targets, in the dtype PyG would give (float32 for float32 or
+        autocast inputs).
+    """
+    impl = _default_impl if impl is None else impl
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if x_src.dim() != 3 or x_dst.dim() != 3 or src_mask.shape != x_src.shape[:2]:
+        raise ValueError("need x_src (N, S, F), src_mask (N, S) and x_dst (N, T, F)")
+    n, s = src_mask.shape
+    t = x_dst.size(1)
+    if x_dst.size(0) != n:
+        raise ValueError(f"x_src has {n} samples, x_dst {x_dst.size(0)}")
+    hh, c = conv.heads, conv.out_channels
+    x_l = conv.lin_l(x_src).view(n, s, hh, c)
+    x_r = conv.lin_r(x_dst).view(n, t, hh, c)
+    ct = _compute_dtype(x_l.dtype)
+    att = conv.att.view(hh, c).to(ct)
+    mask = src_mask.to(torch.bool)
+    if conv.lin_edge is not None:
+        if conv.lin_edge.in_channels != 1 or edge_attr is None:
+            raise ValueError("star_gatv2 needs edge_dim 1 and an (N, T, S) edge_attr")
+        if edge_attr.dim() == 4:
+            edge_attr = edge_attr.squeeze(-1)
+        if edge_attr.shape != (n, t, s):
+            raise ValueError(f"edge_attr must be {(n, t, s)}, got {tuple(edge_attr.shape)}")
+        w = conv.lin_edge.weight.view(hh, c).to(ct)
+        # Padding attributes may be anything (even NaN); they must not reach the sums.
+        e = edge_attr.to(ct).masked_fill(~mask.unsqueeze(1), 0)
+    else:
+        w = att.new_zeros(hh, c)
+        e = att.new_zeros(n, t, s)
+    chunk = default_chunk_elems(x_l.device) if chunk_elems is None else int(chunk_elems)
+    out = _StarAttention.apply(x_l, x_r, e, mask, w, att, float(conv.negative_slope),
+                               float(conv.dropout), conv.training, _Kernels(impl, chunk))
+    out = out.reshape(n, t, hh * c) if conv.concat else out.mean(dim=2)
+    if conv.res is not None:
+        out = out + conv.res(x_dst)
+    if conv.bias is not None:
+        out = out + conv.bias
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# HADA's batches in star layout.
+# --------------------------------------------------------------------------------------
+
+class StarLayout(NamedTuple):
+    """Where a batch's rows go in the padded (N, S) source layout of :func:`star_gatv2`.
+
+    Sample i's sources are its rows of backbone 0, then backbone 1, ... (global node
+    first in each), then padding; its targets are the B global nodes, target b being
+    ``c_b``. The edge attributes are HADA's weights (``fuse.graph``).
+    """
+
+    position: Tensor  # (sum of all rows,): flat index i * S + s of every row, backbone-major
+    mask: Tensor  # (N, S) bool
+    global_position: Tensor  # (N, B): s of c_b in sample i
+    edge_attr: Tensor  # (N, B, S) float32, 0 at padding
+
+
+def star_layout(counts_per_backbone: Sequence[Tensor], weights: EdgeWeights = EdgeWeights(),
+                max_sources: Optional[int] = None) -> StarLayout:
+    """The star layout of a batch from each backbone's (N,) row counts (>= 1, global included).
+
+    ``max_sources`` is S, at least ``max_i sum_b counts[b][i]``; when None it is read
+    from the counts (one device sync). Rows are taken in the order of ``fuse.graph``
+    (backbone-major, samples in order within a backbone), i.e. the order of
+    ``torch.cat([proj_b(block_b.tokens) for b])``.
+    """
+    if len(counts_per_backbone) == 0:
+        raise ValueError("need at least one backbone")
+    counts = torch.stack([c.to(torch.long) for c in counts_per_backbone])  # (B, N)
+    num_b, n = counts.shape
+    device = counts.device
+    if max_sources is None:
+        max_sources = int(counts.sum(0).max())
+    s = int(max_sources)
+    offset = counts.cumsum(0) - counts  # (B, N): first row of backbone b within sample i
+    positions, is_global, backbone = [], [], []
+    sample_ids = torch.arange(n, device=device)
+    for b in range(num_b):
+        rows = torch.repeat_interleave(sample_ids, counts[b])
+        start = counts[b].cumsum(0) - counts[b]
+        local = torch.arange(rows.numel(), device=device) - start[rows]
+        positions.append(rows * s + offset[b, rows] + local)
+        is_global.append(local == 0)
+        backbone.append(torch.full_like(rows, b))
+    position = torch.cat(positions)
+    # Per padded slot: its backbone (-1 for padding) and whether it is a global node.
+    slot_b = torch.full((n * s,), -1, dtype=torch.long, device=device)
+    slot_b[position] = torch.cat(backbone)
+    slot_g = torch.zeros(n * s, dtype=torch.bool, device=device)
+    slot_g[position] = torch.cat(is_global)
+    slot_b, slot_g = slot_b.view(n, 1, s), slot_g.view(n, 1, s)
+    target = torch.arange(num_b, device=device).view(1, num_b, 1)
+    own = slot_b == target
+    attr = torch.where(own, torch.where(slot_g, weights.self_loop, weights.token_own),
+                       torch.where(slot_g, weights.global_global, weights.token_other))
+    mask = slot_b[:, 0] >= 0
+    attr = attr.masked_fill(~mask.unsqueeze(1), 0).to(torch.float32)
+    return StarLayout(position, mask, offset.t().contiguous(), attr)
+
+
+def to_star(x: Tensor, layout: StarLayout) -> tuple[Tensor, Tensor]:
+    """Backbone-major node features (rows, F) -> (x_src (N, S, F) zero-padded, x_dst (N, B, F))."""
+    n, s = layout.mask.shape
+    x_src = x.new_zeros(n * s, x.size(1)).index_copy(0, layout.position, x).view(n, s, -1)
+    x_dst = x_src[torch.arange(n, device=x.device).unsqueeze(1), layout.global_position]
+    return x_src, x_dst
