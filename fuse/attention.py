@@ -47,13 +47,11 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from .graph import EdgeWeights
 
 IMPLS = ("auto", "compiled", "eager")
 _default_impl = os.environ.get("FUSE_ATTENTION_IMPL", "auto")
@@ -286,7 +284,7 @@ class _Kernels:
                 raise  # the eager passes would not fit either; not a compiler problem
             _compiled.error = err
             warnings.warn(f"fuse.attention: torch.compile failed ({type(err).__name__}: {err}); "
-                          "using the eager implementation from now on", RuntimeWarning)
+                          "using the eager implementation from now on", RuntimeWarning, stacklevel=2)
             return False, None
 
     def scores(self, x_l, x_r, e, w, att, slope):
@@ -421,67 +419,3 @@ def star_gatv2(conv, x_src: Tensor, src_mask: Tensor, x_dst: Tensor, edge_attr: 
 # --------------------------------------------------------------------------------------
 # HADA's batches in star layout.
 # --------------------------------------------------------------------------------------
-
-class StarLayout(NamedTuple):
-    """Where a batch's rows go in the padded (N, S) source layout of :func:`star_gatv2`.
-
-    Sample i's sources are its rows of backbone 0, then backbone 1, ... (global node
-    first in each), then padding; its targets are the B global nodes, target b being
-    ``c_b``. The edge attributes are HADA's weights (``fuse.graph``).
-    """
-
-    position: Tensor  # (sum of all rows,): flat index i * S + s of every row, backbone-major
-    mask: Tensor  # (N, S) bool
-    global_position: Tensor  # (N, B): s of c_b in sample i
-    edge_attr: Tensor  # (N, B, S) float32, 0 at padding
-
-
-def star_layout(counts_per_backbone: Sequence[Tensor], weights: EdgeWeights = EdgeWeights(),
-                max_sources: Optional[int] = None) -> StarLayout:
-    """The star layout of a batch from each backbone's (N,) row counts (>= 1, global included).
-
-    ``max_sources`` is S, at least ``max_i sum_b counts[b][i]``; when None it is read
-    from the counts (one device sync). Rows are taken in the order of ``fuse.graph``
-    (backbone-major, samples in order within a backbone), i.e. the order of
-    ``torch.cat([proj_b(block_b.tokens) for b])``.
-    """
-    if len(counts_per_backbone) == 0:
-        raise ValueError("need at least one backbone")
-    counts = torch.stack([c.to(torch.long) for c in counts_per_backbone])  # (B, N)
-    num_b, n = counts.shape
-    device = counts.device
-    if max_sources is None:
-        max_sources = int(counts.sum(0).max())
-    s = int(max_sources)
-    offset = counts.cumsum(0) - counts  # (B, N): first row of backbone b within sample i
-    positions, is_global, backbone = [], [], []
-    sample_ids = torch.arange(n, device=device)
-    for b in range(num_b):
-        rows = torch.repeat_interleave(sample_ids, counts[b])
-        start = counts[b].cumsum(0) - counts[b]
-        local = torch.arange(rows.numel(), device=device) - start[rows]
-        positions.append(rows * s + offset[b, rows] + local)
-        is_global.append(local == 0)
-        backbone.append(torch.full_like(rows, b))
-    position = torch.cat(positions)
-    # Per padded slot: its backbone (-1 for padding) and whether it is a global node.
-    slot_b = torch.full((n * s,), -1, dtype=torch.long, device=device)
-    slot_b[position] = torch.cat(backbone)
-    slot_g = torch.zeros(n * s, dtype=torch.bool, device=device)
-    slot_g[position] = torch.cat(is_global)
-    slot_b, slot_g = slot_b.view(n, 1, s), slot_g.view(n, 1, s)
-    target = torch.arange(num_b, device=device).view(1, num_b, 1)
-    own = slot_b == target
-    attr = torch.where(own, torch.where(slot_g, weights.self_loop, weights.token_own),
-                       torch.where(slot_g, weights.global_global, weights.token_other))
-    mask = slot_b[:, 0] >= 0
-    attr = attr.masked_fill(~mask.unsqueeze(1), 0).to(torch.float32)
-    return StarLayout(position, mask, offset.t().contiguous(), attr)
-
-
-def to_star(x: Tensor, layout: StarLayout) -> tuple[Tensor, Tensor]:
-    """Backbone-major node features (rows, F) -> (x_src (N, S, F) zero-padded, x_dst (N, B, F))."""
-    n, s = layout.mask.shape
-    x_src = x.new_zeros(n * s, x.size(1)).index_copy(0, layout.position, x).view(n, s, -1)
-    x_dst = x_src[torch.arange(n, device=x.device).unsqueeze(1), layout.global_position]
-    return x_src, x_dst

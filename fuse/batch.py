@@ -21,6 +21,7 @@ class NodeBlock:
     tokens: Tensor  # (sum(counts), W)
     counts: Tensor  # (batch,) int64
     embeds: Tensor  # (batch, D)
+    host_counts: Optional[Tensor] = None  # ``counts`` on the host, when known (spares a device sync)
 
     @property
     def batch_size(self) -> int:
@@ -32,9 +33,11 @@ class NodeBlock:
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "NodeBlock":
         """Move to ``device``; ``dtype`` casts ``tokens`` and ``embeds`` (not ``counts``)."""
-        return NodeBlock(self.tokens.to(device=device, dtype=dtype),
-                         self.counts.to(device=device),
-                         self.embeds.to(device=device, dtype=dtype))
+        return NodeBlock(self.tokens.to(device=device, dtype=dtype), self.counts.to(device=device),
+                         self.embeds.to(device=device, dtype=dtype), self.host_counts)
+
+    def counts_on_host(self) -> Tensor:
+        return self.host_counts if self.host_counts is not None else self.counts.cpu()
 
 
 @dataclass
@@ -101,7 +104,8 @@ class PackedFeatures:
         """
         device = self.device if device is None else torch.device(device)
         idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
-        total = int(self.host_counts[idx.cpu()].sum())
+        host_counts = self.host_counts[idx.cpu()]
+        total = int(host_counts.sum())
         idx = idx.to(self.device, non_blocking=True)
         starts = self.offsets[idx]
         counts = self.offsets[idx + 1] - starts
@@ -114,7 +118,7 @@ class PackedFeatures:
         # Move first, cast after: float16 storage halves the host-to-device copy.
         tokens = tokens.to(device, non_blocking=True).to(dtype)
         embeds = self.embeds.index_select(0, idx).to(device, non_blocking=True).to(dtype)
-        return NodeBlock(tokens, counts.to(device), embeds)
+        return NodeBlock(tokens, counts.to(device), embeds, host_counts)
 
 
 def gather_batch(features: Sequence[PackedFeatures], idx: Tensor, device=None,

@@ -16,9 +16,10 @@ from torch import Tensor, nn
 from torch_geometric.nn import GATv2Conv
 
 from evaluate.weighted import mix_scores
+from fuse.attention import star_gatv2
 from fuse.batch import NodeBlock
-from fuse.config import FuseConfig, ModelConfig
-from fuse.graph import bipartite_graph
+from fuse.config import ATTENTION, FuseConfig, ModelConfig
+from fuse.graph import bipartite_graph, dense_graph
 from fuse.losses import id_targets, itc_loss, itm_features, itm_loss, sample_hard_negatives
 
 # Image ids of the queue's initial random entries (never equal to a real id, so never a positive).
@@ -63,8 +64,12 @@ class GraphEncoder(nn.Module):
     projections 787,456, GATv2 2,107,392, head merge 1,049,088, output 1,049,088.
     """
 
-    def __init__(self, token_dims: Sequence[int], embed_dims: Sequence[int], cfg: ModelConfig = DEFAULT):
+    def __init__(self, token_dims: Sequence[int], embed_dims: Sequence[int], cfg: ModelConfig = DEFAULT,
+                 attention: str = "dense"):
         super().__init__()
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {ATTENTION}, not {attention!r}")
+        self.attention = attention
         if len(token_dims) != len(embed_dims) or len(token_dims) < 1:
             raise ValueError("need one token dim and one embed dim per backbone")
         if cfg.reference_bug and (len(token_dims) != 2 or token_dims[0] != token_dims[1]):
@@ -97,12 +102,26 @@ class GraphEncoder(nn.Module):
         return [proj(t) for proj, t in zip(self.proj, tokens)]
 
     def attend(self, x: list[Tensor], blocks: Sequence[NodeBlock]) -> Tensor:
-        """(N * B, heads * width): the graph layer's output at every sample's global nodes (sample-major)."""
-        counts = [b.counts for b in blocks]
-        edge_index, edge_attr, global_index = bipartite_graph(
-            counts, self.cfg.edge_weights, [t.size(0) for t in x])
+        """(N * B, heads * width): the graph layer's output at every sample's global nodes (sample-major).
+
+        ``attention="pyg"`` runs ``GATv2Conv.forward`` on the edge list (``fuse.graph.bipartite_graph``); the
+        dense kinds compute the same from the same parameters per sample (``fuse.attention.star_gatv2``),
+        without per-edge width-sized tensors.
+        """
+        counts, rows = [b.counts for b in blocks], [t.size(0) for t in x]
         nodes = torch.cat(x)
-        return self.conv((nodes, nodes[global_index.reshape(-1)]), edge_index, edge_attr.to(nodes.dtype))
+        if self.attention == "pyg":
+            edge_index, edge_attr, global_index = bipartite_graph(counts, self.cfg.edge_weights, rows)
+            return self.conv((nodes, nodes[global_index.reshape(-1)]), edge_index, edge_attr.to(nodes.dtype))
+        n = blocks[0].batch_size
+        slots = int(torch.stack([b.counts_on_host() for b in blocks]).sum(0).max())
+        graph = dense_graph(counts, self.cfg.edge_weights, rows, slots)
+        x_src = nodes.new_zeros(n * slots, nodes.size(1)).index_copy(0, torch.cat(graph.slots), nodes)
+        x_src = x_src.view(n, slots, -1)
+        x_dst = x_src[torch.arange(n, device=nodes.device).unsqueeze(1), graph.global_slot]
+        impl = ATTENTION[self.attention] or ("auto" if nodes.is_cuda else "eager")
+        out = star_gatv2(self.conv, x_src, graph.mask, x_dst, graph.edge_attr, impl=impl)
+        return out.reshape(n * self.num_backbones, -1)
 
     def forward(self, blocks: Sequence[NodeBlock]) -> Tensor:
         """(batch, embed_dim) float32, unit rows."""
@@ -116,7 +135,8 @@ class GraphEncoder(nn.Module):
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(token_dims={self.token_dims}, embed_dims={self.embed_dims}, "
-                f"width={self.cfg.width}, heads={self.cfg.heads}, embed_dim={self.cfg.embed_dim})")
+                f"width={self.cfg.width}, heads={self.cfg.heads}, embed_dim={self.cfg.embed_dim}, "
+                f"attention={self.attention!r})")
 
 
 def first_backbone_embeds(blocks: Sequence[NodeBlock]) -> Tensor:
@@ -138,13 +158,14 @@ class HadaModel(nn.Module):
     """
 
     def __init__(self, image_token_dims: Sequence[int], image_embed_dims: Sequence[int],
-                 text_token_dims: Sequence[int], text_embed_dims: Sequence[int], cfg: ModelConfig = DEFAULT):
+                 text_token_dims: Sequence[int], text_embed_dims: Sequence[int], cfg: ModelConfig = DEFAULT,
+                 attention: str = "dense"):
         super().__init__()
         if image_embed_dims[0] != text_embed_dims[0]:
             raise ValueError("the first backbone's image and caption embeddings need the same size")
         self.cfg = cfg
-        self.image_encoder = GraphEncoder(image_token_dims, image_embed_dims, cfg)
-        self.text_encoder = GraphEncoder(text_token_dims, text_embed_dims, cfg)
+        self.image_encoder = GraphEncoder(image_token_dims, image_embed_dims, cfg, attention)
+        self.text_encoder = GraphEncoder(text_token_dims, text_embed_dims, cfg, attention)
         self.image_encoder_m = copy.deepcopy(self.image_encoder).requires_grad_(False)
         self.text_encoder_m = copy.deepcopy(self.text_encoder).requires_grad_(False)
         self.itm_head = DropLinear(4 * cfg.embed_dim, 1, cfg.dropout)
@@ -268,4 +289,5 @@ class HadaModel(nn.Module):
 
 def build_model(dims: dict, cfg: FuseConfig) -> HadaModel:
     """The model for a run's feature dims (``{"image_tokens", "image_embeds", "text_tokens", "text_embeds"}``)."""
-    return HadaModel(dims["image_tokens"], dims["image_embeds"], dims["text_tokens"], dims["text_embeds"], cfg.model)
+    return HadaModel(dims["image_tokens"], dims["image_embeds"], dims["text_tokens"], dims["text_embeds"], cfg.model,
+                     cfg.attention)

@@ -16,8 +16,8 @@ from fuse.config import FuseConfig
 log = logging.getLogger("pipeline.fuse")
 
 # What a resumed run may change: when it stops, where it runs, where it reads and writes.
-RESUME_FREE = frozenset({"epochs", "patience", "min_improvement", "device", "precision", "memory_gb", "cache",
-                         "runs", "data_root", "resume", "run"})
+RESUME_FREE = frozenset({"epochs", "patience", "min_improvement", "device", "precision", "attention", "memory_gb",
+                         "cache", "runs", "data_root", "resume", "run"})
 # What a second stage may not change: it loads these weights and features.
 INIT_FIXED = frozenset({"dataset", "backbones", "width", "heads", "embed_dim"})
 # Model settings a second stage takes from its first unless given (the reference's C1_cont repeats C1's).
