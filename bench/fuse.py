@@ -1,25 +1,29 @@
-"""Stage-two speed: seconds per epoch of `pipeline fuse`'s training step on cached features, and what an
-epoch would cost if the backbones were recomputed for every pair (as the HADA reference does).
+"""Stage-two speed: the training step `pipeline fuse` runs, against its dense-layer floor, and what an epoch
+would cost if the backbones were recomputed for every pair (as the HADA reference does).
 
-Cached features: synthetic PackedFeatures built in memory (no HDF5), shaped like Flickr30k train and
-scaled by --scale (fewer images and captions, the same shapes per sample): 29,000 images x 577 tokens
-x 768 (BLIP-like, embed 256) plus one 768-d node (CLIP-like, embed 768); 145,000 captions (5 per image)
-x 12-30 tokens x 768 plus one 768-d node. Tokens float16, moved to the GPU as training does
-(`fuse.train.place`). Timed: `fuse.train.Trainer.step` (gather_batch, forward with momentum encoders,
-queue and ITM, backward, AdamW step, loss read-back) with the default FuseConfig (batch 128, width 512,
-queue 65,536; bf16 autocast on GPU), --warmup steps untimed then --steps timed, for global_only=True
-and False (the full graph); s/epoch = s/step x 145,000 / batch. `gather` is gather_batch alone.
+Cached features: synthetic PackedFeatures built in memory (no HDF5), shaped like Flickr30k train (29,000
+images, 145,000 captions) or COCO train (113,287 images, 566,747 captions) and scaled by --scale (fewer
+images and captions, the same shapes per sample): per image 577 tokens x 768 (BLIP-like, embed 256) plus one
+768-d node (CLIP-like, embed 768); per caption 12-30 tokens x 768 plus one 768-d node. Tokens float16, placed
+as training places them (in GPU memory when they fit, `fuse.data.place`), or kept in host memory with
+--features host (what a streamed split does: every batch copied to the device).
+
+Timed, --warmup steps untimed then --steps timed, with the default FuseConfig at --batch-size:
+* step: `fuse.train.Trainer.step` (gather, forward with momentum encoders, queue and ITM, backward, AdamW),
+  no host sync inside (the device is synchronised once before and after the timed steps);
+* floor: the same step's dense layers alone on the same batches (per-backbone projections, GATv2's lin_l over
+  every node and lin_r over the global nodes, head merge, output layer; forward, backward, and the momentum
+  encoders' forward), without the attention, losses or optimiser;
+* the ratio step / floor, s/epoch (pairs / batch x s/step), pairs/s, and the peak resident memory of the
+  process (VmHWM) and on a GPU the peak allocated device memory.
 
 Recomputed backbones: full-size random-initialised BLIP (ViT-B/16@384 image, BERT-base text, 20 tokens)
-and CLIP ViT-L/14@336 QuickGELU (image, text at 77 tokens), one batch of --backbone-batch through all
-four encoders (after a batch-1 warm-up), best of --backbone-reps; per pair = one image through both
-image encoders + one caption through both text encoders. The recomputed epoch is that x 145,000 plus
-the cached-feature step (the fusion still trains); batched, so a lower bound for the reference, which
-runs them one sample at a time.
+and CLIP ViT-L/14@336 QuickGELU (image, text at 77 tokens), one batch of --backbone-batch through all four
+encoders, best of --backbone-reps; per pair = one image through both image encoders + one caption through
+both text encoders (0 skips it).
 
-    PYTHONPATH=. python bench/fuse.py                                  # CPU, scale 0.02, batch 128 (~8 min, 17 GiB)
-    PYTHONPATH=. python bench/fuse.py --batch-size 32 --warmup 1 --steps 2  # CPU, ~2 min, 6 GiB
-    PYTHONPATH=. python bench/fuse.py --scale 1.0 --device cuda --steps 30 --backbone-batch 64
+    PYTHONPATH=. python bench/fuse.py --scale 0.01 --batch-size 128 --backbone-batch 0 --out r.json  # CPU goal
+    PYTHONPATH=. python bench/fuse.py --scale 1.0 --device cuda --precision bf16 --batch-size 40 --steps 50
 """
 from __future__ import annotations
 
@@ -34,15 +38,34 @@ ROOT, HERE = Path(__file__).resolve().parents[1], Path(__file__).resolve().paren
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-from bench.extract import full_blip, full_clip, machine, peak_rss_gib, sync, write_json  # noqa: E402
-from data.device import autocast as backbone_autocast  # noqa: E402
+from bench.extract import full_blip, full_clip, machine, sync, write_json  # noqa: E402
+from data.device import autocast, pick_device  # noqa: E402
+from data.options import from_options  # noqa: E402
 from fuse.batch import PackedFeatures, gather_batch  # noqa: E402
-from fuse.config import FuseConfig  # noqa: E402
-from fuse.data import SplitFeatures  # noqa: E402
-from fuse.train import Trainer, build_model, feature_dims, pick_device, place  # noqa: E402
+from fuse.config import ATTENTION, FuseConfig  # noqa: E402
+from fuse.data import SplitFeatures, place  # noqa: E402
+from fuse.model import build_model  # noqa: E402
+from fuse.train import Batch, Trainer  # noqa: E402
 
-IMAGES, CAPTIONS_PER_IMAGE, PAIRS = 29_000, 5, 145_000
+SHAPES = {"flickr30k": (29_000, 145_000), "coco": (113_287, 566_747)}  # train images, captions
+
+
+def rss_gib(field: str) -> float:
+    """This process's resident memory (VmRSS) or its peak since the last reset (VmHWM), GiB."""
+    with open("/proc/self/status") as f:
+        kb = next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    return kb / 2 ** 20
+
+
+def reset_peak_rss() -> None:
+    """VmHWM := VmRSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
 
 
 def random_rows(n: int, width: int, gen: torch.Generator, block: int = 1 << 16) -> torch.Tensor:
@@ -60,45 +83,69 @@ def packed(counts: torch.Tensor, width: int, embed_dim: int, gen: torch.Generato
                           torch.randn(len(counts), embed_dim, generator=gen))
 
 
-def synthetic(n_images: int, gen: torch.Generator) -> SplitFeatures:
-    n_captions = CAPTIONS_PER_IMAGE * n_images
+def synthetic(n_images: int, n_captions: int, gen: torch.Generator) -> SplitFeatures:
     ones_i, ones_t = torch.ones(n_images, dtype=torch.long), torch.ones(n_captions, dtype=torch.long)
     images = [packed(ones_i * 577, 768, 256, gen), packed(ones_i, 768, 768, gen)]
-    texts = [packed(torch.randint(12, 31, (n_captions,), generator=gen), 768, 256, gen), packed(ones_t, 768, 768, gen)]
+    texts = [packed(torch.randint(12, 31, (n_captions,), generator=gen), 768, 256, gen),
+             packed(ones_t, 768, 768, gen)]
     return SplitFeatures(None, images, texts, torch.arange(n_images), torch.zeros(n_images, dtype=torch.long), 0)
 
 
-def time_training(features: SplitFeatures, cfg: FuseConfig, device, warmup: int, steps: int) -> dict:
-    torch.manual_seed(0)
-    trainer = Trainer(cfg, build_model(feature_dims(features), cfg), device)
-    trainer.model.train()
-    n_captions = len(features.texts[0])
+def batches(n_images: int, n_captions: int, batch: int, count: int) -> list[Batch]:
     order = torch.randperm(n_captions, generator=torch.Generator().manual_seed(1))
-    batches = []
-    for k in range(warmup + steps):  # (image rows, caption rows, image ids), as Trainer.batches yields them
-        captions = order[(k * cfg.batch_size + torch.arange(cfg.batch_size)) % n_captions]
-        images = captions // CAPTIONS_PER_IMAGE
-        batches.append((images, captions, images))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    for b in batches[:warmup]:
-        trainer.step(features, *b)
-    sync(device)
-    t0 = time.perf_counter()
-    for b in batches[warmup:]:
-        trainer.step(features, *b)  # ends with float(loss): a device sync every step, as in training
-    sync(device)
-    per_step = (time.perf_counter() - t0) / steps
-    t0 = time.perf_counter()
-    for rows, captions, _ in batches[warmup:]:
-        gather_batch(features.images, rows, device)
-        gather_batch(features.texts, captions, device)
-    sync(device)
-    out = {"seconds_per_step": per_step, "seconds_per_epoch": per_step * PAIRS / cfg.batch_size,
-           "gather_seconds_per_step": (time.perf_counter() - t0) / steps}
-    if device.type == "cuda":
-        out["peak_device_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    out = []
+    for k in range(count):
+        captions = order[(k * batch + torch.arange(batch)) % n_captions]
+        images = captions * n_images // n_captions
+        out.append(Batch(0, captions, images, torch.zeros(batch, dtype=torch.long)))
     return out
+
+
+def floor_pass(encoder, blocks, grad: bool) -> torch.Tensor:
+    """The encoder's dense layers on a batch: projections, lin_l (every node), lin_r (global nodes), merge, out."""
+    with torch.set_grad_enabled(grad):
+        x = encoder.node_features(blocks)
+        nodes = torch.cat(x)
+        starts, base = [], 0
+        for b, t in zip(blocks, x):
+            starts.append(base + b.counts.cumsum(0) - b.counts)
+            base += t.size(0)
+        glob = torch.stack(starts, dim=1).reshape(-1)
+        x_l = encoder.conv.lin_l(nodes)
+        h = encoder.conv.lin_r(nodes[glob]) + x_l[glob]  # every row of x_l is computed (and differentiated)
+        n, w = blocks[0].batch_size, encoder.cfg.width
+        g = encoder.merge(h).reshape(n, encoder.num_backbones * w)
+        z = torch.cat([g[:, :w], *[b.embeds.to(g.dtype) for b in blocks], g[:, w:]], dim=1)
+        return F.normalize(encoder.out(z).float(), dim=-1)
+
+
+def time_steps(trainer: Trainer, features: SplitFeatures, plan: list[Batch], warmup: int, floor: bool) -> float:
+    """Seconds per step (after warm-up) of the training step, or of its dense-layer floor."""
+    model, device = trainer.model, trainer.device
+    model.train()
+
+    def run(batch: Batch) -> None:
+        if not floor:
+            trainer.step(features, batch, 0)
+            return
+        image_blocks = gather_batch(features.images, features.image_rows(batch.images, batch.views), device)
+        text_blocks = gather_batch(features.texts, batch.captions, device)
+        with autocast(device, trainer.cfg.precision):
+            loss = sum((floor_pass(enc, blocks, True) * 1e-3).sum()
+                       for enc, blocks in ((model.image_encoder, image_blocks), (model.text_encoder, text_blocks)))
+            floor_pass(model.image_encoder_m, image_blocks, False)
+            floor_pass(model.text_encoder_m, text_blocks, False)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    for b in plan[:warmup]:
+        run(b)
+    sync(device)
+    t0 = time.perf_counter()
+    for b in plan[warmup:]:
+        run(b)
+    sync(device)
+    return (time.perf_counter() - t0) / (len(plan) - warmup)
 
 
 def time_backbones(device, batch: int, reps: int, precision: str) -> dict:
@@ -116,7 +163,7 @@ def time_backbones(device, batch: int, reps: int, precision: str) -> dict:
     encoders = {"blip_image": blip.encode_images, "blip_text": blip.encode_texts,
                 "clip_image": clip.encode_images, "clip_text": clip.encode_texts}
     seconds = {}
-    with torch.inference_mode(), backbone_autocast(device, precision):
+    with torch.inference_mode(), autocast(device, precision):
         small, full = inputs(1), inputs(batch)
         for name, fn in encoders.items():
             fn(small[name])
@@ -128,66 +175,86 @@ def time_backbones(device, batch: int, reps: int, precision: str) -> dict:
                 sync(device)
                 times.append(time.perf_counter() - t0)
             seconds[name] = min(times)
-    per_pair = sum(seconds.values()) / batch
     return {"batch": batch, "reps": reps, "precision": precision, "seconds_per_batch": seconds,
-            "seconds_per_pair": per_pair, "seconds_per_epoch": per_pair * PAIRS}
+            "seconds_per_pair": sum(seconds.values()) / batch}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", type=float, default=0.02, help="fraction of Flickr30k train's 29,000 images")
-    ap.add_argument("--steps", type=int, default=3, help="timed training steps per mode")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed training steps first")
+    ap.add_argument("--shape", choices=SHAPES, default="flickr30k", help="the train split to imitate")
+    ap.add_argument("--scale", type=float, default=0.01, help="fraction of that split's images and captions")
+    ap.add_argument("--steps", type=int, default=3, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     ap.add_argument("--batch-size", type=int, default=FuseConfig.batch_size)
+    ap.add_argument("--attention", choices=tuple(ATTENTION), default=FuseConfig.attention)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--features", choices=("auto", "host"), default="auto",
+                    help="auto: in GPU memory when they fit (as training); host: copied per batch (streamed)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--backbone-batch", type=int, default=8, help="batch for the full-size backbones (0: skip)")
+    ap.add_argument("--no-floor", action="store_true", help="skip timing the dense-layer floor")
+    ap.add_argument("--backbone-batch", type=int, default=0, help="batch for the full-size backbones (0: skip)")
     ap.add_argument("--backbone-reps", type=int, default=1)
-    ap.add_argument("--backbone-precision", choices=["fp32", "bf16"], help="default bf16 on GPU, fp32 on CPU")
     ap.add_argument("--out", default=f"bench/results/fuse-{os.uname().nodename}.json")
     args = ap.parse_args()
     device = pick_device(args.device)
     info = machine(device)
-    n_images = max(round(IMAGES * args.scale), args.batch_size)
+    images, captions = SHAPES[args.shape]
+    n_images = max(round(images * args.scale), args.batch_size)
+    n_captions = round(n_images * captions / images)
     t0 = time.perf_counter()
-    features = place(synthetic(n_images, torch.Generator().manual_seed(0)), device)
-    setup = {"scale": args.scale, "images": n_images, "captions": CAPTIONS_PER_IMAGE * n_images,
-             "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup,
+    features = synthetic(n_images, n_captions, torch.Generator().manual_seed(0))
+    if args.features == "auto":
+        features = place(features, device)
+    setup = {"shape": args.shape, "scale": args.scale, "images": n_images, "captions": n_captions,
+             "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "attention": args.attention,
+             "precision": args.precision, "features_on": str(features.images[0].device),
              "feature_gib": round(sum(f.tokens.numel() * 2 + f.embeds.numel() * 4
                                       for f in features.images + features.texts) / 2 ** 30, 2),
-             "features_on": str(features.images[0].device), "build_seconds": round(time.perf_counter() - t0, 1)}
+             "build_seconds": round(time.perf_counter() - t0, 1)}
+    cfg = from_options(FuseConfig, {"dataset": "bench", "backbones": "blip,clip", "batch_size": args.batch_size,
+                                    "attention": args.attention, "precision": args.precision, "device": str(device)})
+    dims = {"image_tokens": [768, 768], "image_embeds": [256, 768], "text_tokens": [768, 768],
+            "text_embeds": [256, 768]}
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, build_model(dims, cfg), device)
+    plan = batches(n_images, n_captions, args.batch_size, args.warmup + args.steps)
     result = {}
-    for global_only in (True, False):
-        cfg = FuseConfig(dataset="bench", backbones="blip,clip", batch_size=args.batch_size,
-                         global_only=global_only, device=str(device))
-        result["global_only" if global_only else "full_graph"] = time_training(
-            features, cfg, device, args.warmup, args.steps)
-    info["peak_rss_gib_training"] = round(peak_rss_gib(), 2)
-    del features
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_rss()
+    step = time_steps(trainer, features, plan, args.warmup, floor=False)
+    result["step"] = {"step_seconds": step, "epoch_seconds_full_size": step * captions / args.batch_size,
+                      "pairs_per_s": args.batch_size / step, "peak_host_gib": round(rss_gib("VmHWM"), 2)}
+    if device.type == "cuda":
+        result["step"]["peak_device_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    if not args.no_floor:
+        floor = time_steps(trainer, features, plan, args.warmup, floor=True)
+        result["floor"] = {"floor_seconds": floor, "ratio_step_to_floor": step / floor}
+    result["step_seconds"] = step
+    result["peak_host_gib"] = result["step"]["peak_host_gib"]
     if args.backbone_batch:
-        precision = args.backbone_precision or ("bf16" if device.type == "cuda" else "fp32")
-        bb = time_backbones(device, args.backbone_batch, args.backbone_reps, precision)
-        cached = result["global_only"]["seconds_per_epoch"]
-        bb["recomputed_epoch_seconds"] = bb["seconds_per_epoch"] + cached
-        bb["ratio_recomputed_to_cached"] = bb["recomputed_epoch_seconds"] / cached
+        bb = time_backbones(device, args.backbone_batch, args.backbone_reps,
+                            "bf16" if device.type == "cuda" else "fp32")
+        bb["recomputed_epoch_seconds"] = bb["seconds_per_pair"] * captions + result["step"]["epoch_seconds_full_size"]
+        bb["ratio_recomputed_to_cached"] = bb["recomputed_epoch_seconds"] / result["step"]["epoch_seconds_full_size"]
         result["recomputed_backbones"] = bb
-    info.update(loadavg_end=[round(x, 2) for x in os.getloadavg()], peak_rss_gib=round(peak_rss_gib(), 2))
+    info.update(loadavg_end=[round(x, 2) for x in os.getloadavg()], threads=torch.get_num_threads())
 
     print(" ".join(f"{k}={v}" for k, v in {**info, **setup}.items()))
-    for key in ("global_only", "full_graph"):
-        r = result[key]
-        mem = f"  peak device {r['peak_device_gib']:.1f} GiB" if "peak_device_gib" in r else ""
-        print(f"{key:<12} {r['seconds_per_step'] * 1e3:9.1f} ms/step (gather {r['gather_seconds_per_step'] * 1e3:6.1f})"
-              f" -> {r['seconds_per_epoch']:9.1f} s/epoch{mem}")
-    slower = result["full_graph"]["seconds_per_step"] / result["global_only"]["seconds_per_step"]
-    print(f"full graph / global-only: {slower:.2f}x; peak host RSS {info['peak_rss_gib_training']} GiB (training),"
-          f" {info['peak_rss_gib']} GiB (end)")
+    s = result["step"]
+    mem = f", peak device {s['peak_device_gib']} GiB" if "peak_device_gib" in s else ""
+    print(f"step   {step * 1e3:9.1f} ms at batch {args.batch_size} ({s['pairs_per_s']:.0f} pairs/s) -> "
+          f"{s['epoch_seconds_full_size']:.1f} s per full {args.shape} epoch; peak host {s['peak_host_gib']} GiB{mem}")
+    if "floor" in result:
+        f = result["floor"]
+        print(f"floor  {f['floor_seconds'] * 1e3:9.1f} ms (dense layers alone); "
+              f"step / floor = {f['ratio_step_to_floor']:.2f}")
     if "recomputed_backbones" in result:
         bb = result["recomputed_backbones"]
         parts = ", ".join(f"{k} {v:.2f}" for k, v in bb["seconds_per_batch"].items())
-        print(f"backbones, batch {bb['batch']} {bb['precision']}: {parts} s"
-              f" -> {bb['seconds_per_pair'] * 1e3:.1f} ms/pair -> {bb['seconds_per_epoch']:.0f} s/epoch;"
-              f" recomputed epoch {bb['recomputed_epoch_seconds']:.0f} s"
-              f" = {bb['ratio_recomputed_to_cached']:.1f}x the cached global-only epoch")
+        print(f"backbones, batch {bb['batch']} {bb['precision']}: {parts} s -> {bb['seconds_per_pair'] * 1e3:.1f} "
+              f"ms/pair; recomputed epoch {bb['recomputed_epoch_seconds']:.0f} s = "
+              f"{bb['ratio_recomputed_to_cached']:.1f}x the cached epoch")
     write_json(args.out, {"machine": info, "setup": setup, **result})
 
 

@@ -77,10 +77,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
             self.optimizer, T_0=cfg.t0, T_mult=cfg.t_mult, eta_min=cfg.eta_min)
 
-    def step(self, features: SplitFeatures, batch: Batch, id_start: int) -> dict[str, torch.Tensor]:
-        """One optimiser step; returns the losses as detached device tensors (no host sync)."""
+    def step(self, features: SplitFeatures, batch: Batch, id_start: int = 0,
+             first_caption: int = 0) -> dict[str, torch.Tensor]:
+        """One optimiser step on ``features`` (a block whose first image and caption are ``id_start`` and
+        ``first_caption`` of the split); returns the losses as detached device tensors (no host sync)."""
         rows = features.image_rows(batch.images, batch.views, id_start)
-        first_caption = int(features.index.caption_offsets[id_start])
         image_blocks = gather_batch(features.images, rows, self.device)
         text_blocks = gather_batch(features.texts, batch.captions - first_caption, self.device)
         with autocast(self.device, self.cfg.precision):
@@ -229,7 +230,8 @@ def run_epoch(trainer: Trainer, epoch: int, plan: list[Batch], blocks, whole, in
     for i, batch in enumerate(plan):
         if whole is None and loaded[0] != batch.block:
             loaded = (batch.block, place(load_split_features(index, stores, blocks[batch.block]), device))
-        losses = trainer.step(loaded[1], batch, blocks[batch.block][0] if whole is None else 0)
+        id_start = blocks[batch.block][0] if whole is None else 0
+        losses = trainer.step(loaded[1], batch, id_start, int(index.caption_offsets[id_start]))
         trainer.scheduler.step(epoch - 1 + i / len(plan))
         for k, v in losses.items():
             totals[k] = totals.get(k, 0.0) + v * len(batch.captions)

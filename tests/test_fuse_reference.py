@@ -2,6 +2,7 @@
 (tests/hada_reference.py): same weights, same fused embeddings, with and without the reference's bug; and the
 reference's recipe: schedule, queue, second stage, checkpoint import."""
 import math
+import types
 
 import hada_reference as ref
 import numpy as np
@@ -148,7 +149,7 @@ def test_learning_rate_sequence_equals_the_reference(monkeypatch):
     trainer.scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(trainer.optimizer, T_0=2, T_mult=2,
                                                                             eta_min=1e-5)
 
-    def step(features, batch, id_start):
+    def step(features, batch, *offsets):
         seen.append(trainer.optimizer.param_groups[0]["lr"])
         return {"loss": torch.tensor(0.0), "loss_itc": torch.tensor(0.0), "loss_itm": torch.tensor(0.0)}
 
@@ -156,7 +157,8 @@ def test_learning_rate_sequence_equals_the_reference(monkeypatch):
     monkeypatch.setattr(trainer.model, "train", lambda *a: None)
     plan = [train_module.Batch(0, torch.arange(2), torch.arange(2), torch.zeros(2, dtype=torch.long))] * 4
     for epoch in range(1, 6):
-        train_module.run_epoch(trainer, epoch, plan, [(0, 1)], object(), None, None, torch.device("cpu"))
+        index = types.SimpleNamespace(caption_offsets=np.array([0, 2]))
+        train_module.run_epoch(trainer, epoch, plan, [(0, 1)], object(), index, None, torch.device("cpu"))
     np.testing.assert_allclose(seen, reference_lrs(1e-3, 2, 2, 1e-5, 4, 5), rtol=1e-9)
     assert min(seen) < 1e-4 and seen.count(1e-3) >= 2  # it reached the bottom and restarted
 
