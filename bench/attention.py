@@ -26,7 +26,7 @@ method alike. --keep-heap keeps freed memory mapped (mallopt) and shows the time
 
     PYTHONPATH=. python bench/attention.py                    # CPU, all cases (~25 min on 2 loaded cores)
     PYTHONPATH=. python bench/attention.py --threads 1 --cases image40 caption128 --methods floor compiled
-    PYTHONPATH=. python bench/attention.py --device cuda --pyg-max-gib 60 --out bench/results/attention-gpu.json
+    PYTHONPATH=. python bench/attention.py --device cuda --pyg-max-gib 60     # JSON in bench/results/
 """
 from __future__ import annotations
 
