@@ -24,9 +24,9 @@ On a CPU VM, every first touch of a page of a freshly allocated tensor costs mic
 (glibc returns large blocks to the OS on free): ~0.1 s per 200 MB of new output, for every
 method alike. --keep-heap keeps freed memory mapped (mallopt) and shows the times without that.
 
-    PYTHONPATH=. python bench/attention.py --out runs/bench/attention_cpu.json
-    PYTHONPATH=. python bench/attention.py --cases image40 caption128 --methods floor compiled
-    PYTHONPATH=. python bench/attention.py --device cuda --pyg-max-gib 60 --out runs/bench/attention_gpu.json
+    PYTHONPATH=. python bench/attention.py                    # CPU, all cases (~25 min on 2 loaded cores)
+    PYTHONPATH=. python bench/attention.py --threads 1 --cases image40 caption128 --methods floor compiled
+    PYTHONPATH=. python bench/attention.py --device cuda --pyg-max-gib 60     # JSON in bench/results/
 """
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ def pyg_gib(case: str) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", help="write the results here as JSON")
+    ap.add_argument("--out", default=f"bench/results/attention-{os.uname().nodename}.json")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -257,10 +257,9 @@ def main() -> None:
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     print(f"load average {info['loadavg_start']} -> {info['loadavg_end']}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"machine": info, "results": results}, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Both stage benchmarks on a lent GPU machine in one go (about 5-7 minutes): run from the repository root,
+# The stage benchmarks and the attention layer on a lent GPU machine in one go (about 8-11 minutes): run from the repository root,
 #   bash bench/gpu.sh
 # That machine has torch, torchvision, transformers, torch_geometric, h5py and click, no network, and
 # lacks open_clip_torch, dask and distributed. Prepare their wheels here first (bench/wheels/ is git-ignored,
@@ -44,4 +44,7 @@ if [ $have_clip -eq 1 ]; then
   run extract 300 python bench/extract.py --full --device cuda --precision bf16 --images 2048 \
     --batch-size 128 --workers 12 --repeats 2 --out "$out/extract-gpu.json"
 fi
+# The star GATv2 layer against PyG and its matmul floor, at batch 128 (compiles Triton kernels).
+run attention 300 python bench/attention.py --device cuda --cases image128 caption128 --repeats 5 \
+  --pyg-max-gib 60 --out "$out/attention-gpu.json"
 echo "== done in $(( SECONDS - start )) s; JSON in $out"

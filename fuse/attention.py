@@ -374,8 +374,8 @@ def star_gatv2(conv, x_src: Tensor, src_mask: Tensor, x_dst: Tensor, edge_attr: 
 
     Returns:
         (N, T, H * C) (or (N, T, C) when ``concat=False``): the conv's output at
-        the targets, in the dtype PyG would give (float32 for float32 or
-        autocast inputs).
+        the targets. Under autocast the messages are in the projections' dtype
+        (bfloat16) and the float32 bias makes the output float32, as PyG's is.
     """
     impl = _default_impl if impl is None else impl
     if impl not in IMPLS:
