@@ -206,7 +206,7 @@ def _score(cfg: ScoreConfig) -> dict:
 
 
 # The demo's fusion is narrower than HADA's defaults so that it trains in minutes on a 2-core CPU.
-DEMO_FUSE = dict(width=256, embed_dim=256, queue_size=4096, lr=5e-4, dropout=0.1)
+DEMO_FUSE = dict(width=256, embed_dim=256, queue_size=4096, lr=5e-4, dropout=0.1, attention="dense-eager")
 
 
 @cli.command()

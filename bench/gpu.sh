@@ -35,9 +35,18 @@ run() {  # name, timeout, command...: stdout to the terminal, stderr to a log sh
   [ $rc -eq 0 ] || { echo "!! $name exited $rc; last stderr lines:"; tail -n 15 "$out/$name.stderr.log"; }
 }
 
-# Stage two at full Flickr30k scale (~29 GiB of float16 features, placed in GPU memory as training does).
-run fuse 240 python bench/fuse.py --scale 1.0 --device cuda --warmup 3 --steps 30 \
-  --backbone-batch $(( have_clip ? 64 : 0 )) --backbone-reps 3 --out "$out/fuse-gpu.json"
+# Stage two at full Flickr30k scale (~29 GiB of float16 features in GPU memory, as training places them), bf16:
+# the training step against its dense-layer floor at batch 128 and at the reference's 40 (per-step overhead shows).
+run fuse128 240 python bench/fuse.py --scale 1.0 --device cuda --precision bf16 --batch-size 128 --warmup 5 \
+  --steps 40 --backbone-batch $(( have_clip ? 64 : 0 )) --backbone-reps 3 --out "$out/fuse-gpu-b128.json"
+run fuse40 200 python bench/fuse.py --scale 1.0 --device cuda --precision bf16 --batch-size 40 --warmup 5 \
+  --steps 60 --out "$out/fuse-gpu-b40.json"
+# COCO-shaped train split: half of its images in GPU memory (~50 GiB; the whole 100 GiB fits an H200 only),
+# and on the host (what a streamed split costs: every batch copied to the GPU). s/epoch extrapolated to 566,747 pairs.
+run coco-resident 240 python bench/fuse.py --shape coco --scale 0.5 --device cuda --precision bf16 \
+  --batch-size 128 --warmup 5 --steps 30 --no-floor --out "$out/fuse-gpu-coco.json"
+run coco-host 240 python bench/fuse.py --shape coco --scale 0.1 --features host --device cuda --precision bf16 \
+  --batch-size 128 --warmup 5 --steps 30 --no-floor --out "$out/fuse-gpu-coco-host.json"
 
 # Stage one with the full-size architectures: 2048 JPEGs (10,240 captions), 12 decoding workers.
 if [ $have_clip -eq 1 ]; then

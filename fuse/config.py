@@ -14,8 +14,9 @@ from data.errors import PipelineError
 from data.options import opt
 
 # --attention: how the one graph layer is computed (the same numbers to float tolerance). The dense kinds run
-# fuse.attention.star_gatv2 with this implementation of its fused passes (None: compiled on a GPU, eager on a CPU).
-ATTENTION = {"dense": None, "dense-eager": "eager", "dense-compiled": "auto", "pyg": None}
+# fuse.attention.star_gatv2 with this implementation of its fused passes (None: its default, torch.compile'd
+# with an eager fallback, or what FUSE_ATTENTION_IMPL says).
+ATTENTION = {"dense": None, "dense-eager": "eager", "dense-compiled": "compiled", "pyg": None}
 
 
 @dataclass(frozen=True)
@@ -94,9 +95,10 @@ class FuseConfig:
     init_momentum: bool = opt(False, "deviation: with --init, also start the momentum encoders from the loaded "
                                      "weights (the reference leaves them at their random initialisation)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
-    attention: str = opt("dense", "how the graph layer is computed: dense (per-sample dense attention from the GATv2 "
-                                  "parameters; torch.compile'd on a GPU, eager on a CPU), dense-eager, dense-compiled, "
-                                  "or pyg (GATv2Conv.forward on the edge list); same model", choices=tuple(ATTENTION))
+    attention: str = opt("dense", "how the graph layer is computed, the same model each way: dense (per-sample dense "
+                                  "attention from the GATv2 parameters, torch.compile'd: the first run compiles for "
+                                  "about a minute; eager if compiling fails), dense-eager, dense-compiled, or pyg "
+                                  "(GATv2Conv.forward on the edge list, per-edge tensors)", choices=tuple(ATTENTION))
     precision: str = opt("fp32", "deviation: bf16 runs the GPU matmuls under bfloat16 autocast (similarities and "
                                  "losses stay fp32); the reference trains in fp32", choices=("fp32", "bf16"))
     seed: int = opt(0, "seed of initialisation, shuffling, view choice, dropout and negatives")

@@ -119,8 +119,7 @@ class GraphEncoder(nn.Module):
         x_src = nodes.new_zeros(n * slots, nodes.size(1)).index_copy(0, torch.cat(graph.slots), nodes)
         x_src = x_src.view(n, slots, -1)
         x_dst = x_src[torch.arange(n, device=nodes.device).unsqueeze(1), graph.global_slot]
-        impl = ATTENTION[self.attention] or ("auto" if nodes.is_cuda else "eager")
-        out = star_gatv2(self.conv, x_src, graph.mask, x_dst, graph.edge_attr, impl=impl)
+        out = star_gatv2(self.conv, x_src, graph.mask, x_dst, graph.edge_attr, impl=ATTENTION[self.attention])
         return out.reshape(n * self.num_backbones, -1)
 
     def forward(self, blocks: Sequence[NodeBlock]) -> Tensor:

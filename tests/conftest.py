@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny graphs: the eager attention passes (compiling them would cost more than it saves; tests of the
+# compiled passes ask for them by name).
+os.environ.setdefault("FUSE_ATTENTION_IMPL", "eager")
 
 import json
 from pathlib import Path
