@@ -24,4 +24,4 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 clean-demo:
-	rm -rf datasets/demo cache/demo runs/demo
+	rm -rf datasets/demo cache/demo cache/demo-weights runs/demo
