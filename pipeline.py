@@ -158,6 +158,7 @@ def _score(cfg: ScoreConfig) -> dict:
 
 # The demo's fusion is narrower than HADA's defaults so that it trains in minutes on a 2-core CPU.
 DEMO_FUSE = dict(width=256, embed_dim=256, queue_size=4096, lr=5e-4, dropout=0.1)
+DEMO_BACKBONES = "blip-demo,clip-demo"
 
 
 @cli.command()
@@ -167,9 +168,9 @@ DEMO_FUSE = dict(width=256, embed_dim=256, queue_size=4096, lr=5e-4, dropout=0.1
 @click.option("--runs", default="runs", show_default=True, help="folder for runs")
 @click.option("--epochs", default=10, show_default=True, help="fusion epochs")
 @click.option("--workers", default=2, show_default=True, help="JPEG decoding processes")
-@click.option("--backbones", default="blip-demo,clip-demo", show_default=True,
+@click.option("--backbones", default=DEMO_BACKBONES, show_default=True,
               help="backbones to extract and fuse: the trained blip-demo and clip-demo, or the random-initialised "
-                   "blip-tiny, clip-tiny, blip2-tiny")
+                   "blip-tiny, clip-tiny, blip2-tiny (run demo-<backbones> when not the default)")
 @click.pass_context
 def demo(ctx, data_root: str, cache: str, runs: str, epochs: int, workers: int, backbones: str) -> None:
     """The whole method on generated data with tiny backbones: train them (demo ones), extract, fuse, score."""
@@ -199,16 +200,17 @@ def demo(ctx, data_root: str, cache: str, runs: str, epochs: int, workers: int, 
             ctx.invoke(extract, **{**_defaults(ExtractConfig), "backbone": backbone, "dataset": "demo", "split": split,
                                    "data_root": data_root, "cache": cache, "workers": workers, "batch_size": 128,
                                    "checkpoint": checkpoints.get(backbone)})
+    run = "demo" if ",".join(names) == DEMO_BACKBONES else f"demo-{'+'.join(names)}"
     click.echo(f"[{next(step)}/{steps}] fuse {' + '.join(names)}, then score the test split")
     ctx.invoke(fuse, **{**_defaults(FuseConfig), "dataset": "demo", "backbones": ",".join(names),
-                        "cache": cache, "runs": runs, "run": "demo", "epochs": epochs, **DEMO_FUSE,
-                        "resume": (Path(runs) / "demo" / "last.pt").is_file()})
-    ctx.invoke(score, **{**_defaults(ScoreConfig), "dataset": "demo", "cache": cache, "runs": runs, "run": "demo",
-                         "json": f"{runs}/demo/scores.json", "plot": f"{runs}/demo/recall.png"})
-    what = (f"{' and '.join(trained)} were trained on the train split, each on one view of the scenes"
-            if trained else "the backbones are random-initialised, so alone they rank near chance")
-    click.echo(f"demo finished in {time.perf_counter() - t0:.0f} s. Results: {runs}/demo/scores.json (+ .md), "
-               f"{runs}/demo/recall.png, training curves {runs}/demo/curves.png. {what[0].upper() + what[1:]}; "
+                        "cache": cache, "runs": runs, "run": run, "epochs": epochs, **DEMO_FUSE,
+                        "resume": (Path(runs) / run / "last.pt").is_file()})
+    ctx.invoke(score, **{**_defaults(ScoreConfig), "dataset": "demo", "cache": cache, "runs": runs, "run": run,
+                         "json": f"{runs}/{run}/scores.json", "plot": f"{runs}/{run}/recall.png"})
+    what = (f"trained on the train split, each on one view of the scenes ({', '.join(trained)})" if trained
+            else "random-initialised, so alone they rank near chance")
+    click.echo(f"demo finished in {time.perf_counter() - t0:.0f} s. Results: {runs}/{run}/scores.json (+ .md), "
+               f"{runs}/{run}/recall.png, training curves {runs}/{run}/curves.png. The backbones were {what}; "
                f"the hada row is what the fusion learned from their features on the train split.")
 
 

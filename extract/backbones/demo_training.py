@@ -10,7 +10,6 @@ open_clip weights file beside its ``open_clip_config.json``) and read back throu
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
@@ -26,6 +25,7 @@ from safetensors.torch import save_file
 
 from data.atomic import read_json, write_json
 from data.demo import demo_dir, demo_scenes, view_captions
+from data.device import one_torch_thread
 from extract.reader import load_rgb
 
 log = logging.getLogger("pipeline.demo")
@@ -57,7 +57,7 @@ def demo_weights(name: str, data_root: str | Path, folder: str | Path, steps: in
         return folder
     backbone = fresh_backbone(name)
     t0 = time.perf_counter()
-    with _one_thread():
+    with one_torch_thread():  # tiny models train fastest so, and the weights do not depend on the core count
         losses = train(backbone, recipe, data_root)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -126,17 +126,6 @@ def save(backbone, folder: Path) -> None:
         "model_cfg": open_clip.get_model_config(TINY_MODEL),
         "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
                            "interpolation": "bicubic", "resize_mode": "shortest"}})
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Tiny models train fastest on one thread (and the result does not depend on the core count)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def weights_folder(cache: str | Path, name: str, data_root: str | Path) -> Path:
