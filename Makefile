@@ -27,4 +27,4 @@ lint: install
 	$(PY) -m ruff check .
 
 clean-demo:
-	rm -rf datasets/demo cache/demo runs/demo
+	rm -rf datasets/demo cache/demo cache/demo-weights runs/demo

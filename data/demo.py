@@ -212,6 +212,40 @@ def _captions(rng: np.random.Generator, scene: dict) -> list[str]:
     return out
 
 
+# What each demo view keeps true; every other attribute is redrawn at random before the captions are written,
+# so its words still appear (the captions read like the demo's own) but carry no information.
+VIEWS = {
+    "colours": "colours, positions and background (shapes and sizes redrawn)",
+    "shapes": "shapes, sizes and the number of shapes (colours, positions and background redrawn)",
+}
+
+
+def view_captions(rng: np.random.Generator, scene: dict, view: str) -> list[str]:
+    """Captions of ``scene`` as one view sees it: true in the view's attributes, random in the others."""
+    shapes = [dict(s) for s in scene["shapes"]]
+    seen = dict(scene, shapes=shapes)
+    if view == "colours":
+        for s in shapes:
+            s.update(shape=_pick(rng, SHAPES), size=_pick(rng, tuple(SIZES)))
+    elif view == "shapes":
+        positions = [_pick(rng, tuple(POSITIONS))] if len(shapes) == 1 else list(_pick(rng, PAIRS))
+        if rng.random() < 0.5:
+            positions.reverse()
+        colours = [str(c) for c in rng.choice(list(COLOURS), size=len(shapes), replace=False)]
+        for s, pos, colour in zip(shapes, positions, colours):
+            s.update(position=pos, colour=colour)
+        seen["background"] = _pick(rng, BACKGROUNDS)
+    else:
+        raise ValueError(f"unknown demo view {view!r}: choose one of {', '.join(VIEWS)}")
+    return _captions(rng, seen)
+
+
+def demo_scenes(data_root: str | os.PathLike, split: str) -> list[tuple[str, dict]]:
+    """(image file, scene) of every image of a split of the generated demo dataset."""
+    doc = json.loads((demo_dir(data_root) / "dataset_demo.json").read_text(encoding="utf-8"))
+    return [(im["filename"], im["scene"]) for im in doc["images"] if im["split"] == split]
+
+
 def _is_complete(json_path: Path, params: dict) -> bool:
     try:
         with open(json_path, encoding="utf-8") as f:

@@ -5,7 +5,7 @@ torch is imported inside the functions: the configs import PRECISIONS, and the C
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 from data.errors import PipelineError
 
@@ -41,3 +41,17 @@ def autocast(device: torch.device, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Torch intra-op threads off for the block (process-wide, restored after): for tiny tensors, own workers,
+    or results that must not depend on the core count."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)

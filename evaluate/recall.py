@@ -10,6 +10,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from data.device import one_torch_thread
+
 KS = (1, 5, 10)
 # Counting tile (images, captions): its temporaries stay in cache; fastest on a 2-core CPU (bench/score.py).
 TILE = (256, 4096)
@@ -62,17 +64,6 @@ def _exact_denormals() -> Iterator[None]:
     finally:
         if flushing:
             torch.set_flush_denormal(True)
-
-
-@contextlib.contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """Torch intra-op threads off while our own workers run (process-wide, restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 class _Counter:
@@ -136,7 +127,7 @@ class _Counter:
         if self._pool is None:
             run(0)
         else:
-            with _one_torch_thread():
+            with one_torch_thread():
                 list(self._pool.map(run, range(self.workers)))
 
     def _tile(self, x: torch.Tensor, r0: int, c0: int, w: int) -> None:

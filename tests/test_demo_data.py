@@ -110,3 +110,28 @@ def test_two_shape_relation_words_are_true(demo):
                 if f" {rel} " in raw and "right of" not in raw:
                     head = raw.split(f" {rel} ")[0].split()
                     assert left["colour"] in head, raw
+
+
+def test_view_captions_are_true_only_in_their_view(demo):
+    """The colours view keeps colours and positions and scrambles shapes; the shapes view the reverse."""
+    from data.demo import POS_PHRASES, SHAPES, view_captions
+
+    rng = np.random.default_rng(0)
+    wrong_shapes = wrong_colours = 0
+    for im in demo[1]["images"]:
+        scene, shapes = im["scene"], im["scene"]["shapes"]
+        for raw in view_captions(rng, scene, "colours"):
+            words = raw.split()
+            assert all(s["colour"] in words for s in shapes), raw
+            other = [p for pos, ps in POS_PHRASES.items() if pos not in {s["position"] for s in shapes} for p in ps]
+            assert not any(p in raw for p in other), raw  # no position but the true ones
+            wrong_shapes += any(s["shape"] not in words for s in shapes)
+            assert sum(w in SHAPES for w in words) == len(shapes), raw
+        for raw in view_captions(rng, scene, "shapes"):
+            words = raw.replace("sky blue", "").replace("light blue", "").split()  # background names, not colours
+            assert all(s["shape"] in words for s in shapes) and sum(w in COLOURS for w in words) == len(shapes), raw
+            wrong_colours += any(s["colour"] not in words for s in shapes)
+    n = 5 * len(demo[1]["images"])
+    assert 0.5 * n < wrong_shapes and 0.5 * n < wrong_colours  # the other half is redrawn, mostly to other values
+    with pytest.raises(ValueError, match="unknown demo view"):
+        view_captions(rng, demo[1]["images"][0]["scene"], "sizes")

@@ -79,9 +79,14 @@ class Blip(Backbone):
 @register("blip", "BLIP ViT-B/16 retrieval model (transformers), fine-tuned on the chosen dataset", weights=True)
 def blip(options: BackboneOptions) -> Blip:
     ref = options.checkpoint or options.weights or DEFAULT_CHECKPOINTS.get(options.dataset, DEFAULT_CHECKPOINTS["coco"])
-    folder = hf_snapshot(ref, "--checkpoint", options.download)
+    return load_blip("blip", ref, options.download)
+
+
+def load_blip(name: str, ref: str, download: bool) -> Blip:
+    """A BLIP retrieval model, its tokenizer and image processor from an HF id or folder, checked completely."""
+    folder = hf_snapshot(ref, "--checkpoint", download)
     model = load_hf_model(BlipForImageTextRetrieval, folder, ref)
-    return Blip("blip", model, *load_preprocessing(folder, ref), ref)
+    return Blip(name, model, *load_preprocessing(folder, ref), ref)
 
 
 def load_preprocessing(folder: str, ref: str) -> tuple:
@@ -125,3 +130,12 @@ def tiny_blip(seed: int = 0) -> tuple[BlipForImageTextRetrieval, BertTokenizer, 
 def blip_tiny(options: BackboneOptions) -> Blip:
     model, tokenizer, processor = tiny_blip()
     return Blip("blip-tiny", model, tokenizer, processor, "random-init(seed=0)")
+
+
+@register("blip-demo", "the demo's BLIP: the blip-tiny architecture with weights `pipeline demo` trains (colours "
+                       "view); --checkpoint <folder>", weights=True)
+def blip_demo(options: BackboneOptions) -> Blip:
+    ref = options.checkpoint or options.weights
+    if not ref:
+        raise PipelineError("blip-demo needs the weights `pipeline demo` trains: pass --checkpoint <folder>")
+    return load_blip("blip-demo", ref, options.download)

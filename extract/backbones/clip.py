@@ -1,10 +1,13 @@
 """open_clip models (`clip`, `open_clip:<model>`, `clip-tiny`): one global node per sample, patch tokens optional."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import open_clip
 import torch
 
 from data.backbone_spec import looks_like_path
+from data.errors import PipelineError
 from extract.augment import TrainView
 from extract.backbones import open_clip_source as source
 from extract.backbones import register
@@ -13,6 +16,9 @@ from extract.backbones.open_clip_tokens import check_patch_tokens, patch_grid, p
 
 # OpenAI weights need QuickGELU; the plain ViT-L-14-336 config with them gives wrong features silently.
 DEFAULT_MODEL, DEFAULT_TAG = "ViT-L-14-336-quickgelu", "openai"
+# The tiny test/demo architecture, registered with open_clip by name so that its weights load as real ones do.
+TINY_MODEL = "hada-clip-tiny"
+open_clip.add_model_config(Path(__file__).with_name("model_configs"))
 
 
 class Clip(Backbone):
@@ -94,7 +100,7 @@ def open_clip_model(options: BackboneOptions) -> Clip:
 
 
 def _open_clip(name: str, model_name: str, ref: str, tag: str | None, options: BackboneOptions) -> Clip:
-    flag = "--checkpoint" if name == "clip" else f"--backbone open_clip:{model_name}"
+    flag = f"--backbone open_clip:{model_name}" if name == "open_clip" else "--checkpoint"
     resolved = source.resolve(model_name, ref, options.download, flag, tag)
     model, preprocess, tokenizer = source.load(resolved, ref, flag)
     return Clip(name, model, preprocess, tokenizer, model_name, ref, options.tokens,
@@ -110,16 +116,25 @@ def tiny_clip(seed: int = 0) -> open_clip.CLIP:
     """Same class as `clip`, tiny random-initialised config (fixed seed), no network."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return open_clip.CLIP(
-            embed_dim=24, quick_gelu=True,
-            vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
-            text_cfg=dict(context_length=24, vocab_size=49408, width=32, heads=2, layers=2))
+        return open_clip.CLIP(**open_clip.get_model_config(TINY_MODEL))
+
+
+def tiny_clip_preprocessing() -> tuple:
+    """(eval transform, tokenizer) of the tiny architecture: OpenAI mean/std at 32 px, BPE with 24 tokens."""
+    preprocess = open_clip.image_transform(32, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
+                                           std=open_clip.OPENAI_DATASET_STD)
+    return preprocess, open_clip.get_tokenizer(TINY_MODEL)
 
 
 @register("clip-tiny", "tiny random-initialised open_clip CLIP (same class) for tests and the demo; no weights")
 def clip_tiny(options: BackboneOptions) -> Clip:
-    model = tiny_clip()
-    preprocess = open_clip.image_transform(32, is_train=False, mean=open_clip.OPENAI_DATASET_MEAN,
-                                           std=open_clip.OPENAI_DATASET_STD)
-    tokenizer = open_clip.get_tokenizer("ViT-B-32", context_length=24)
-    return Clip("clip-tiny", model, preprocess, tokenizer, "tiny", "random-init(seed=0)", options.tokens, 24)
+    return Clip("clip-tiny", tiny_clip(), *tiny_clip_preprocessing(), "tiny", "random-init(seed=0)", options.tokens, 24)
+
+
+@register("clip-demo", f"the demo's CLIP: the {TINY_MODEL} architecture with weights `pipeline demo` trains "
+                       "(shapes view); --checkpoint <folder>", weights=True)
+def clip_demo(options: BackboneOptions) -> Clip:
+    ref = options.checkpoint or options.weights
+    if not ref:
+        raise PipelineError("clip-demo needs the weights `pipeline demo` trains: pass --checkpoint <folder>")
+    return _open_clip("clip-demo", TINY_MODEL, ref, None, options)
