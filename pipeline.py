@@ -1,6 +1,7 @@
 """The `pipeline` command: parses options into each stage's config and calls the stage."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import types
@@ -32,7 +33,7 @@ def config_options(config_cls):
                 fn = click.option(flag, f.name, multiple=True, help=meta.get("help"))(fn)
                 continue
             ptype = click.Choice(meta["choices"]) if "choices" in meta else \
-                click.IntRange(min=meta["min"]) if "min" in meta else base
+                click.IntRange(min=meta.get("min"), max=meta.get("max")) if "min" in meta or "max" in meta else base
             # click 8.2+ treats an explicit default (even None) as a value: a required option must have none.
             default = {} if meta.get("required") else {"default": f.default}
             fn = click.option(flag, f.name, type=ptype, required=meta.get("required", False), **default, **kwargs)(fn)
@@ -119,12 +120,13 @@ def fuse(ctx, **options) -> None:
 
     # An omitted --dataset or --backbones is what the cache holds (see data/discover.py for the order rule);
     # a resumed run or a second stage takes them from the saved run instead (fuse/settings.py).
-    if not (options["resume"] or options["init"]):
-        options["dataset"] = run_stage(dataset_in_cache, options["cache"], options["dataset"])
-        names = run_stage(fuse_backbones, options["cache"], options["dataset"], options["backbones"])
-        options["backbones"] = ",".join(names)
+    cfg = run_stage(from_options, FuseConfig, options)  # bad values are refused before the cache is looked at
+    if not (cfg.resume or cfg.init):
+        dataset = run_stage(dataset_in_cache, cfg.cache, cfg.dataset)
+        names = run_stage(fuse_backbones, cfg.cache, dataset, cfg.backbones)
+        cfg = dataclasses.replace(cfg, dataset=dataset, backbones=",".join(names))
     given = frozenset(k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE)
-    summary = run_stage(lambda: run_fuse(from_options(FuseConfig, options), given))
+    summary = run_stage(run_fuse, cfg, given)
     click.echo(f"{summary['run']}: {summary['epochs']} epochs, best validation rsum {summary['best_rsum']:.2f}; "
                f"fused embeddings for {', '.join(summary['encoded']) or 'no split'}")
 
@@ -187,7 +189,7 @@ def _score(cfg: ScoreConfig) -> dict:
         index = SplitIndex.load(path) if path.is_file() else load_split(resolve(cfg.dataset, cfg.data_root), cfg.split)
         return score_external(cfg, index)
     run = cfg.run or latest_run(cfg.runs, cfg.dataset)
-    names = run_backbones(cfg.runs, run) if run else backbone_names(cfg.cache, cfg.dataset, cfg.split)
+    names = run_backbones(cfg.runs, run, cfg.dataset) if run else backbone_names(cfg.cache, cfg.dataset, cfg.split)
     if not names:
         raise PipelineError(f"nothing to score: no backbone store in {Path(cfg.cache) / cfg.dataset / cfg.split}")
     fused = {}

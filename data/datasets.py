@@ -86,13 +86,20 @@ def read_karpathy(path: Path, splits: list[str] | None) -> dict[str, list[tuple[
         raise PipelineError(f"{path}: not a Karpathy split file (no 'images' list)")
     keep = set(splits) if splits is not None else set(SPLITS) - {"all"}
     samples: dict[str, list] = {}
-    for entry in obj["images"]:
+    if not isinstance(obj["images"], list):
+        raise PipelineError(f"{path}: 'images' is not a list")
+    for k, entry in enumerate(obj["images"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("filename"), str):
+            raise PipelineError(f"{path}: images[{k}] is not an entry with a 'filename'")
         entry_split = "train" if entry.get("split") == "restval" else entry.get("split")
         targets = [s for s in (entry_split, "all") if s in keep]
         if not targets:
             continue
-        rel = "/".join(p for p in (entry.get("filepath", ""), entry["filename"]) if p)
-        sample = (safe_relative(rel, path), _check_captions([s["raw"] for s in entry.get("sentences", [])], rel, path))
+        rel = "/".join(p for p in (str(entry.get("filepath") or ""), entry["filename"]) if p)
+        sentences = entry.get("sentences", [])
+        if not isinstance(sentences, list) or not all(isinstance(s, dict) and "raw" in s for s in sentences):
+            raise PipelineError(f"{path}: image {rel!r} has sentences without a 'raw' caption")
+        sample = (safe_relative(rel, path), _check_captions([s["raw"] for s in sentences], rel, path))
         for split in targets:
             samples.setdefault(split, []).append(sample)
     return {split: samples[split] for split in SPLITS if split in samples}
@@ -105,8 +112,8 @@ def read_lavis(path: Path) -> list[tuple[str, list[str]]]:
         raise PipelineError(f"{path}: not a LAVIS annotation file (expected a JSON list)")
     grouped: dict[str, list[str]] = {}
     for k, entry in enumerate(obj):
-        if "image" not in entry or "caption" not in entry:
-            raise PipelineError(f"{path}: entry {k} lacks 'image' or 'caption'")
+        if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or "caption" not in entry:
+            raise PipelineError(f"{path}: entry {k} is not an object with an 'image' path and a 'caption'")
         caps = entry["caption"] if isinstance(entry["caption"], list) else [entry["caption"]]
         grouped.setdefault(safe_relative(entry["image"], path), []).extend(caps)
     return [(img, _check_captions(caps, img, path)) for img, caps in grouped.items()]

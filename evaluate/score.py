@@ -79,11 +79,16 @@ def latest_run(runs: str, dataset: str) -> str | None:
     return max(found)[1] if found else None
 
 
-def run_backbones(runs: str, run: str) -> list[str]:
+def run_backbones(runs: str, run: str, dataset: str) -> list[str]:
+    """The backbones a run fused, refusing a run trained on another dataset."""
     path = Path(runs) / run / "config.json"
     if not path.is_file():
         raise PipelineError(f"no run {run!r} in {runs} (no {path})")
-    return read_json(path)["backbones"]
+    saved = read_json(path)
+    if saved["config"]["dataset"] != dataset:
+        raise PipelineError(f"run {run!r} was trained on dataset {saved['config']['dataset']!r}, not {dataset!r}: "
+                            f"pass --dataset {saved['config']['dataset']} or another --run")
+    return saved["backbones"]
 
 
 @dataclass

@@ -39,9 +39,10 @@ class ExtractConfig:
     scheduler: str = opt("sync", "where shards run: in this process, threads, or a dask.distributed cluster",
                          choices=("sync", "threads", "distributed"))
     address: str | None = opt(None, "dask scheduler address for --scheduler distributed (tcp://host:port)")
-    views: int = opt(0, "augmented views stored per training image beside the clean one (train split only)", min=0)
+    views: int = opt(0, "augmented views stored per training image beside the clean one (train split only; "
+                               "at most 127: the store's view index is int8)", min=0, max=127)
     token_pool: int = opt(1, "average-pool the patch-token grid by this factor (2: 24x24 -> 12x12)", min=1)
-    seed: int = opt(0, "seed of the augmented views", min=0)
+    seed: int = opt(0, "seed of the augmented views", min=0, max=2**31 - 1)
     dry_run: bool = opt(False, "print the plan and the disk space it will take, then stop")
 
     @property

@@ -46,6 +46,10 @@ def plan_runs(cfg: ExtractConfig) -> list[tuple[ExtractConfig, SplitIndex]]:
     if not names:
         raise PipelineError(f"--backbone {cfg.backbone!r}: name one or more backbones, comma-separated "
                             f"(see `pipeline backbones`)")
+    for flag, value in (("--checkpoint", cfg.checkpoint), ("--model", cfg.model)):
+        if value and len(names) > 1:
+            raise PipelineError(f"{flag} {value!r} would apply to every one of {', '.join(names)}: extract them one "
+                                f"at a time, or name each one's weights in its spec (e.g. blip@FOLDER)")
     for name in names:
         check(name, cfg.model)
     check_config(cfg)

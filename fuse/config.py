@@ -73,14 +73,14 @@ class FuseConfig:
     dataset: str | None = opt(None, "dataset in the cache (default: the only one there)")
     backbones: str | None = opt(None, "comma-separated backbones, 2 or more; the first one is the weighted stage's "
                                       "(default: every backbone cached for train and val, in name order)")
-    epochs: int = opt(100, "train up to this many epochs (early stopping usually ends sooner)")
-    batch_size: int = opt(40, "positive (image, caption) pairs per step; a last partial batch is dropped")
+    epochs: int = opt(100, "train up to this many epochs (early stopping usually ends sooner)", min=1)
+    batch_size: int = opt(40, "positive (image, caption) pairs per step; a last partial batch is dropped", min=1)
     lr: float = opt(1e-4, "AdamW learning rate")
     weight_decay: float = opt(0.02, "AdamW weight decay (temperature and w included, as the reference)")
-    t0: int = opt(30, "cosine warm-restart period in epochs (the schedule steps every iteration)")
-    t_mult: int = opt(2, "period multiplier after each restart")
+    t0: int = opt(30, "cosine warm-restart period in epochs (the schedule steps every iteration)", min=1)
+    t_mult: int = opt(2, "period multiplier after each restart", min=1)
     eta_min: float = opt(1e-5, "the schedule's lowest learning rate")
-    patience: int = opt(5, "stop after this many epochs without a better validation rsum")
+    patience: int = opt(5, "stop after this many epochs without a better validation rsum", min=1)
     min_improvement: float = opt(0.1, "a validation rsum (in %) must beat the best by at least this much to count "
                                       "(the reference's 0.001 on its 0-6 scale)")
     clean_prob: float = opt(0.0, "deviation: chance that a visit uses the clean image although augmented views "
@@ -101,10 +101,24 @@ class FuseConfig:
                                   "(GATv2Conv.forward on the edge list, per-edge tensors)", choices=tuple(ATTENTION))
     precision: str = opt("fp32", "deviation: bf16 runs the GPU matmuls under bfloat16 autocast (similarities and "
                                  "losses stay fp32); the reference trains in fp32", choices=("fp32", "bf16"))
-    seed: int = opt(0, "seed of initialisation, shuffling, view choice, dropout and negatives")
+    seed: int = opt(0, "seed of initialisation, shuffling, view choice, dropout and negatives", min=0, max=2**31 - 1)
     memory_gb: float | None = opt(None, "host memory for cached features (default 70% of available); "
                                         "more than this streams the train split in blocks")
     model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "t0", "t_mult", "patience"):
+            if getattr(self, name) < 1:
+                raise PipelineError(f"--{name.replace('_', '-')} {getattr(self, name)}: need >= 1")
+        if not 0 <= self.seed < 2**31:
+            raise PipelineError(f"--seed {self.seed}: need 0 <= seed < 2**31")
+        if not self.lr > 0 or self.eta_min < 0 or self.weight_decay < 0 or self.min_improvement < 0:
+            raise PipelineError(f"--lr {self.lr}, --eta-min {self.eta_min}, --weight-decay {self.weight_decay}, "
+                                f"--min-improvement {self.min_improvement}: need lr > 0 and the others >= 0")
+        if not 0.0 <= self.clean_prob <= 1.0:
+            raise PipelineError(f"--clean-prob {self.clean_prob}: need 0 <= P <= 1")
+        if self.memory_gb is not None and not self.memory_gb > 0:
+            raise PipelineError(f"--memory-gb {self.memory_gb}: need a positive number of GB")
 
     @property
     def backbone_list(self) -> list[str]:
@@ -134,10 +148,11 @@ class FuseConfig:
 
 @dataclass(frozen=True)
 class EdgeWeights:
-    """HADA's edge weights (``wfc``, ``wfcx``, ``wcc``); ``self_loop`` None means PyG's ``fill_value='mean'``
-    self-loops of the reference: a node's self-loop weight is the mean of its other incoming edges' weights."""
+    """HADA's edge weights (``wfc``, ``wfcx``, ``wcc``; their defaults are ModelConfig's). ``self_loop`` None
+    means PyG's ``fill_value='mean'`` self-loops of the reference: a node's self-loop weight is the mean of its
+    other incoming edges' weights."""
 
-    token_own: float = 0.9
-    token_other: float = 0.7
-    global_global: float = 1.1
-    self_loop: float | None = None
+    token_own: float
+    token_other: float
+    global_global: float
+    self_loop: float | None

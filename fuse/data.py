@@ -57,14 +57,6 @@ class SplitFeatures:
         return SplitFeatures(self.index, [f.to(device) for f in self.images], [f.to(device) for f in self.texts],
                              self.image_ids, self.image_views, self.views)
 
-    @property
-    def image_dims(self) -> tuple[list[int], list[int]]:
-        return [f.width for f in self.images], [f.embed_dim for f in self.images]
-
-    @property
-    def text_dims(self) -> tuple[list[int], list[int]]:
-        return [f.width for f in self.texts], [f.embed_dim for f in self.texts]
-
 
 def open_stores(cache: str, dataset: str, split: str, backbones: list[str]) -> tuple[SplitIndex, list[FeatureStore]]:
     """The split index and each backbone's store, refusing missing ones and stores of another index version."""
@@ -81,6 +73,13 @@ def open_stores(cache: str, dataset: str, split: str, backbones: list[str]) -> t
                                 f"but {index_path(cache, dataset, split)} is version {index.version}: re-extract it")
         stores.append(store)
     return index, stores
+
+
+def store_dims(stores: list[FeatureStore]) -> dict[str, list[int]]:
+    """The model's input widths, per backbone: node width and embedding size of image and text rows."""
+    image, text = [s.dims("images") for s in stores], [s.dims("texts") for s in stores]
+    return {"image_tokens": [w for w, _ in image], "image_embeds": [e for _, e in image],
+            "text_tokens": [w for w, _ in text], "text_embeds": [e for _, e in text]}
 
 
 def _packed(data: ShardData, rows: np.ndarray | None = None) -> PackedFeatures:
@@ -135,7 +134,8 @@ def plan_blocks(stores: list[FeatureStore], n_images: int, memory_gb: float | No
     if need <= budget:
         log.info("train features: %.2f GB, held in memory (budget %.2f GB)", need / 1e9, budget / 1e9)
         return [(0, n_images)]
-    n_blocks = math.ceil(need / (0.5 * budget))  # half the budget per block leaves room for the next one
+    # half the budget per block leaves room for the next one; at most one block per image
+    n_blocks = min(math.ceil(need / (0.5 * budget)), max(n_images, 1))
     log.info("train features: %.2f GB exceed the memory budget of %.2f GB: streaming %d blocks of ~%d images, "
              "shuffled by block and within each block", need / 1e9, budget / 1e9, n_blocks,
              math.ceil(n_images / n_blocks))

@@ -18,7 +18,7 @@ import torch
 from data.errors import PipelineError
 from fuse import checkpoint
 from fuse.config import FuseConfig, ModelConfig
-from fuse.data import open_stores
+from fuse.data import open_stores, store_dims
 from fuse.model import build_model
 
 log = logging.getLogger("pipeline.fuse")
@@ -45,8 +45,10 @@ def read_reference_checkpoint(path: Path) -> dict:
     the reference may have saved (e.g. ``best_loss``); anything else is refused by name."""
     if not Path(path).is_file():
         raise PipelineError(f"no such checkpoint: {path}")
-    multiarray = getattr(np, "_core", None) or np.core  # numpy 2 / numpy 1
-    scalars = [np.dtype, multiarray.multiarray.scalar,
+    # A numpy scalar pickles as numpy.core.multiarray.scalar under numpy 1 (the reference's era) and as
+    # numpy._core.multiarray.scalar under numpy 2: both names are allowed, whichever numpy reads the file.
+    scalar = (getattr(np, "_core", None) or np.core).multiarray.scalar
+    scalars = [np.dtype, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
                *(type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32))]
     try:
         with torch.serialization.safe_globals(scalars):
@@ -120,12 +122,7 @@ def import_hada(path: str, dataset: str, backbones: str, run: str, cache: str = 
         except PipelineError:
             continue
         versions[split] = index.version
-        stored = {"image_tokens": [], "image_embeds": [], "text_tokens": [], "text_embeds": []}
-        for s in stores:
-            for kind, side in (("images", "image"), ("texts", "text")):
-                token_dim, embed_dim = s.dims(kind)
-                stored[f"{side}_tokens"].append(token_dim)
-                stored[f"{side}_embeds"].append(embed_dim)
+        stored = store_dims(stores)
     if not stored:
         raise PipelineError(f"no val or test split of {dataset!r} is cached for {', '.join(names)} in {cache}: "
                             f"run `pipeline extract` first")

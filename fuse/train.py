@@ -22,7 +22,16 @@ from data.progress import Progress
 from fuse import checkpoint
 from fuse.batch import gather_batch
 from fuse.config import FuseConfig
-from fuse.data import SplitFeatures, load_split_features, open_stores, place, plan_blocks, present_images, stored_views
+from fuse.data import (
+    SplitFeatures,
+    load_split_features,
+    open_stores,
+    place,
+    plan_blocks,
+    present_images,
+    store_dims,
+    stored_views,
+)
 from fuse.encode import encode_split, eval_batch_size, recall_of
 from fuse.model import HadaModel, build_model
 from fuse.plot import plot_curves
@@ -119,11 +128,21 @@ def run_dir_for(cfg: FuseConfig) -> Path:
     return Path(cfg.runs) / cfg.run_name
 
 
-def check_index_versions(saved: dict, versions: dict, what: str) -> None:
+def check_saved_run(saved: dict, versions: dict, dims: dict, names: list[str], what: str) -> None:
+    """Refuse to resume or initialise from a run made on other split indexes or stores of other widths.
+
+    A split the saved run does not record (an imported run knows only val and test) is not compared.
+    """
     for split, version in versions.items():
-        if saved["index_versions"].get(split) != version:
-            raise PipelineError(f"{what} was trained on {split} split index {saved['index_versions'].get(split)}, "
+        if split in saved["index_versions"] and saved["index_versions"][split] != version:
+            raise PipelineError(f"{what} was trained on {split} split index {saved['index_versions'][split]}, "
                                 f"but the cache's is {version}: the dataset changed since")
+    for key, widths in dims.items():
+        was = saved.get("dims", {}).get(key, widths)
+        for name, old, new in zip(names, was, widths):
+            if old != new:
+                raise PipelineError(f"{what} was trained on {name} {key.replace('_', ' ')} of width {old}, but the "
+                                    f"cache's store {name!r} now has {new}: re-extract it or start a new --run")
 
 
 def train(cfg: FuseConfig, given: frozenset[str] | None = None) -> dict:
@@ -146,17 +165,16 @@ def train(cfg: FuseConfig, given: frozenset[str] | None = None) -> dict:
     names = cfg.backbone_list
     if len(names) < 2 or len(set(names)) != len(names):
         raise PipelineError(f"--backbones {cfg.backbones!r}: name two or more different backbones, comma-separated")
-    if cfg.batch_size < 1 or cfg.epochs < 1:
-        raise PipelineError("--batch-size and --epochs must be at least 1")
     if not resumed and (run_dir / "last.pt").exists():
         raise PipelineError(f"run {run_dir} exists: pass --resume to continue it or --run NAME for a new one")
     device = pick_device(cfg.device)
     train_index, train_stores = open_stores(cfg.cache, cfg.dataset, "train", names)
     val_index, val_stores = open_stores(cfg.cache, cfg.dataset, "val", names)
     versions = {"train": train_index.version, "val": val_index.version}
+    dims = store_dims(val_stores)
     for saved, what in ((resumed, f"run {cfg.run}"), (init, f"run {cfg.init}")):
         if saved:
-            check_index_versions(saved, versions, what)
+            check_saved_run(saved, versions, dims, names, what)
     views = stored_views(train_stores)
     if views == 0:
         log.warning("the train stores hold no augmented views: training sees clean images only, while the "
@@ -165,8 +183,6 @@ def train(cfg: FuseConfig, given: frozenset[str] | None = None) -> dict:
     blocks = plan_blocks(train_stores, len(train_index.images), cfg.memory_gb)
     whole = place(load_split_features(train_index, train_stores), device) if len(blocks) == 1 else None
     present = present_images(train_stores, len(train_index.images))
-    dims = {"image_tokens": [f.width for f in val.images], "image_embeds": [f.embed_dim for f in val.images],
-            "text_tokens": [f.width for f in val.texts], "text_embeds": [f.embed_dim for f in val.texts]}
 
     torch.manual_seed(cfg.seed)
     try:

@@ -63,6 +63,28 @@ def test_empty_caption_is_refused_by_name(tmp_path):
         load_split(resolve("x", annotations=ev, images=tmp_path), "test")
 
 
+@pytest.mark.parametrize("images,message", [
+    ({"x": 1}, "'images' is not a list"),
+    ([{"split": "test", "sentences": [{"raw": "a"}]}], r"images\[0\] is not an entry with a 'filename'"),
+    (["x.jpg"], r"images\[0\] is not an entry"),
+    ([{"filename": "x.jpg", "split": "test", "sentences": [{"tokens": ["a"]}]}], "'x.jpg' has sentences without"),
+    ([{"filename": "x.jpg", "split": "test", "sentences": "a dog"}], "'x.jpg' has sentences without"),
+])
+def test_malformed_karpathy_entries_are_refused_by_name(tmp_path, images, message):
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "coco" / "dataset_coco.json").write_text(json.dumps({"images": images}))
+    with pytest.raises(PipelineError, match=message):
+        load_split(resolve("coco", tmp_path), "test")
+
+
+@pytest.mark.parametrize("entries", [["a.jpg"], [{"image": 3, "caption": "x"}], [{"image": "a.jpg"}]])
+def test_malformed_lavis_entries_are_refused_by_name(tmp_path, entries):
+    ev = tmp_path / "ann.json"
+    ev.write_text(json.dumps([{"image": "ok.jpg", "caption": "fine"}, *entries]))
+    with pytest.raises(PipelineError, match="entry 1 is not an object with an 'image' path and a 'caption'"):
+        load_split(resolve("x", annotations=ev, images=tmp_path), "test")
+
+
 def test_index_roundtrip_and_version_mismatch(tmp_path):
     a = SplitIndex.from_samples("d", "test", [("1.jpg", ["x", "y"]), ("2.jpg", ["z"])])
     b = SplitIndex.from_samples("d", "test", [("1.jpg", ["x", "y"]), ("2.jpg", ["z", "w"])])

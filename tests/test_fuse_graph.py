@@ -1,14 +1,16 @@
 """fuse.graph against hand-built HADA graphs (bipartite and dense layouts, PyG's self-loops), and
 PackedFeatures.gather."""
+import dataclasses
+
 import pytest
 import torch
 from torch_geometric.nn import GATv2Conv
 
 from fuse.batch import NodeBlock, PackedFeatures, gather_batch
-from fuse.config import EdgeWeights
+from fuse.config import EdgeWeights, ModelConfig
 from fuse.graph import bipartite_graph, dense_graph, self_loop_weights
 
-W = EdgeWeights()
+W = ModelConfig().edge_weights  # the reference's 0.9 / 0.7 / 1.1, PyG mean self-loops
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -77,7 +79,7 @@ def test_self_loops_of_hada_lavis_shapes():
     assert loops.tolist()[0] == pytest.approx([(576 * 0.9 + 1.1) / 577, (576 * 0.7 + 1.1) / 577])
     assert round(loops[0, 0].item(), 4) == 0.9003 and round(loops[0, 1].item(), 4) == 0.7007
     assert self_loop_weights(as_counts([[1]]), W).tolist() == [[0.0]]  # no incoming edges: PyG gives 0
-    assert self_loop_weights(as_counts([[5], [2]]), EdgeWeights(self_loop=1.0)).tolist() == [[1.0, 1.0]]
+    assert self_loop_weights(as_counts([[5], [2]]), dataclasses.replace(W, self_loop=1.0)).tolist() == [[1.0, 1.0]]
 
 
 @pytest.mark.parametrize("weights", [W, EdgeWeights(0.1, 0.2, 0.3, 0.4)])

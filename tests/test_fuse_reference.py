@@ -194,14 +194,14 @@ def test_second_stage_loads_encoders_and_itm_head_only():
         assert all(torch.equal(momentum_weights[k], source[k]) for k in source)
 
 
-def synthetic_cache(cache, dataset="syn", n_images=45, caps=5, seed=0):
-    """val and test splits of two stored backbones with equal node widths (as BLIP and CLIP ViT-L, 768):
-    backbone a with ragged token rows, backbone b one global node per sample."""
+def synthetic_cache(cache, dataset="syn", n_images=45, caps=5, seed=0, splits=("val", "test")):
+    """Splits of two stored backbones with equal node widths (as BLIP and CLIP ViT-L, 768): backbone a with
+    ragged token rows, backbone b one global node per sample."""
     from data.index import SplitIndex, store_index
     from data.store import FeatureStore, ShardData, write_shard
 
     rng = np.random.default_rng(seed)
-    for split in ("val", "test"):
+    for split in splits:
         index = SplitIndex.from_samples(dataset, split, [(f"{split}_{i}.jpg", [f"c {i} {k}" for k in range(caps)])
                                                          for i in range(n_images)])
         store_index(index, cache)
@@ -308,3 +308,69 @@ def test_import_refuses_bad_checkpoints_and_writes_nothing(tmp_path):
     import datetime
 
     assert "cannot be loaded safely" in attempt({**good, "saved": datetime.date(2023, 1, 1)})
+
+
+def as_numpy_1_pickle(src, dst):
+    """Rewrite a torch.save file the way numpy 1 (the reference's era) pickles numpy scalars: numpy.core,
+    where numpy 2 writes numpy._core."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as out:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("data.pkl"):
+                old = b"numpy._core.multiarray\nscalar"
+                assert old in data
+                data = data.replace(old, b"numpy.core.multiarray\nscalar")
+            out.writestr(item, data)
+
+
+def test_import_reads_numpy_scalars_pickled_by_numpy_1_and_2(tmp_path):
+    from conftest import run_cli
+
+    cache, runs = synthetic_cache(tmp_path / "cache"), tmp_path / "runs"
+    img, cap = ref.MH(D, D, E1, E2, WIDTH, HEADS, EMBED), ref.MH(D, D, E1, E2, WIDTH, HEADS, EMBED)
+    state = {**ref.reference_checkpoint(img, cap, ref.Discriminator(EMBED), 0.05, 0), "best_loss": np.float64(0.25)}
+    torch.save(state, tmp_path / "numpy2.pth.tar")
+    as_numpy_1_pickle(tmp_path / "numpy2.pth.tar", tmp_path / "numpy1.pth.tar")
+    for name in ("numpy2", "numpy1"):
+        run_cli("import-hada", tmp_path / f"{name}.pth.tar", "--dataset", "syn", "--backbones", "a,b", "--run", name,
+                "--cache", cache, "--runs", runs)
+        assert (runs / name / "best.pt").is_file()
+    synthetic_cache(cache, dataset="other")
+    out = run_cli("score", "--dataset", "other", "--run", "numpy1", "--cache", cache, "--runs", runs, expect=2).output
+    assert "run 'numpy1' was trained on dataset 'syn', not 'other'" in out
+
+
+def test_second_stage_from_an_imported_checkpoint(tmp_path):
+    """The authors' stage-one checkpoint, imported, starts `fuse --weighted --init` (an imported run records
+    no train split index), which takes its model settings, the reference bug included."""
+    import json
+
+    from conftest import run_cli
+
+    cache, runs = synthetic_cache(tmp_path / "cache", splits=("train", "val", "test")), tmp_path / "runs"
+    img, cap = ref.MH(D, D, E1, E2, WIDTH, HEADS, EMBED), ref.MH(D, D, E1, E2, WIDTH, HEADS, EMBED)
+    torch.save(ref.reference_checkpoint(img, cap, ref.Discriminator(EMBED), 0.05, 0), tmp_path / "c.pth.tar")
+    run_cli("import-hada", tmp_path / "c.pth.tar", "--dataset", "syn", "--backbones", "a,b", "--run", "authors",
+            "--cache", cache, "--runs", runs)
+    out = run_cli("fuse", "--init", "authors", "--weighted", "--run", "stage2", "--epochs", 1, "--cache", cache,
+                  "--runs", runs).output
+    assert "stage2: 1 epochs" in out
+    config = json.loads((runs / "stage2" / "config.json").read_text())["config"]
+    assert config["model"]["weighted"] is True and config["model"]["reference_bug"] is True
+    assert config["model"]["width"] == WIDTH and config["backbones"] == "a,b"
+
+
+def test_resume_or_init_refuses_stores_of_another_width():
+    from data.errors import PipelineError
+    from fuse.train import check_saved_run
+
+    dims = {"image_tokens": [12, 12], "image_embeds": [6, 9], "text_tokens": [12, 12], "text_embeds": [6, 9]}
+    saved = {"index_versions": {"val": "v1"}, "dims": dims}
+    check_saved_run(saved, {"train": "t1", "val": "v1"}, dims, ["a", "b"], "run r")  # no train recorded: fine
+    with pytest.raises(PipelineError, match="split index v1, but the cache's is v2"):
+        check_saved_run(saved, {"train": "t1", "val": "v2"}, dims, ["a", "b"], "run r")
+    wider = {**dims, "text_embeds": [6, 16]}
+    with pytest.raises(PipelineError, match="b text embeds of width 9, but the cache's store 'b' now has 16"):
+        check_saved_run(saved, {"val": "v1"}, wider, ["a", "b"], "run r")
