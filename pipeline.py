@@ -169,6 +169,9 @@ def score(**options) -> None:
     extra = {"notes": result["notes"], "config": cfg.to_dict()}
     if result.get("fusion"):
         extra["fusion"] = result["fusion"]
+        learned = result["fusion"]["learned"]
+        click.echo(f"hada ({result['fusion']['name']}, best epoch {result['fusion']['best_epoch']}) learned: "
+                   + ", ".join(f"{k} {v:.4g}" for k, v in learned.items()))
     if cfg.json:
         path = run_stage(write_scores, cfg.json, result["dataset"], result["split"], result["run"], result["rows"],
                          extra)

@@ -65,7 +65,8 @@ class SplitIndex:
     def load(cls, path: str | Path) -> "SplitIndex":
         path = Path(path)
         if not path.is_file():
-            raise PipelineError(f"no split index at {path}: run `pipeline extract` for this dataset and split first")
+            raise PipelineError(f"no split index at {path}: run `pipeline extract --split {path.parent.name}` for "
+                                f"this dataset first")
         obj = read_json(path)
         index = cls(obj["dataset"], obj["split"], tuple(obj["images"]), tuple(obj["captions"]),
                     np.asarray(obj["text_to_image"], dtype=np.int64))

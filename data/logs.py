@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 
 # Deprecation notices raised inside libraries we call, about their own code: nothing a user can act on.
@@ -19,3 +21,11 @@ def configure(verbose: bool = False) -> None:
     logging.getLogger("pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
     for noise in THIRD_PARTY_NOISE:
         warnings.filterwarnings("ignore", **noise)
+    if not verbose:
+        # torch's C++-extension helper says where it looked for CUDA whenever torch.compile loads it, also on
+        # machines without a GPU, where it means nothing.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    if not sys.stderr.isatty():
+        # transformers' and huggingface_hub's own bars (loading, saving weights) follow ours: terminal only.
+        # Read when they are imported, which the stages do after this.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

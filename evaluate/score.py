@@ -12,6 +12,7 @@ from data.atomic import read_json
 from data.errors import PipelineError
 from data.index import SplitIndex, index_path
 from data.store import FeatureStore
+from data.torch_files import load_pt
 from evaluate.config import ScoreConfig
 from evaluate.coverage import Coverage
 from evaluate.late_fusion import late_fusion_ranks, tune_weights
@@ -184,6 +185,9 @@ def run_score(cfg: ScoreConfig, names: list[str], run: str | None, fused: dict[s
     for emb in backbones:
         scorer.plain(emb)
     val = load_embeddings(cfg, "val", names, fused.get("val")) if cfg.split != "val" else test
+    if cfg.split == "val":
+        scorer.notes["tuned_on_val"] = ("this table scores the val split, where the late-fusion weights, the NNN "
+                                        "alpha and the run's best epoch were chosen: optimistic; report test")
     if len(backbones) > 1:
         if val is None:
             scorer.notes["late-fusion"] = "skipped: the val split is not cached for every backbone"
@@ -219,7 +223,7 @@ def load_matrix(path: str, shape: tuple[int, int]) -> torch.Tensor:
         if p.suffix == ".npy":
             sims = torch.from_numpy(np.load(p, allow_pickle=False))
         elif p.suffix in (".pt", ".pth"):
-            sims = torch.load(p, map_location="cpu", weights_only=True)
+            sims = load_pt(p, "--sims")
         else:
             raise PipelineError(f"--sims {path}: use a .npy or .pt file")
     except (ValueError, OSError, RuntimeError) as e:
@@ -232,12 +236,21 @@ def load_matrix(path: str, shape: tuple[int, int]) -> torch.Tensor:
 
 def score_external(cfg: ScoreConfig, index: SplitIndex) -> dict:
     """Rows for similarity matrices computed elsewhere, and their late fusion (equal weights: no val matrices)."""
+    for flag, value in (("--run", cfg.run), ("--rerank", cfg.rerank)):
+        if value:
+            raise PipelineError(f"{flag} cannot be combined with --sims: --sims scores the given matrices alone "
+                                f"(a run and re-ranking need the cache's embeddings)")
     shape = (len(index.images), len(index.captions))
     sims = [load_matrix(p, shape) for p in cfg.sims]
+    names = [Path(p).stem for p in cfg.sims]
+    if len(set(names)) < len(names):  # files of the same name in different folders: name them by their paths
+        names = [str(Path(p).with_suffix("")) for p in cfg.sims]
+    if len(set(names)) < len(names):
+        raise PipelineError(f"--sims names the same file twice: {', '.join(cfg.sims)}")
     scorer = Scorer(SplitEmbeddings(index, []))
     t2i = index.text_to_image
-    for path, s in zip(cfg.sims, sims):
-        scorer.add(Path(path).stem, *retrieval_ranks(s, t2i))
+    for name, s in zip(names, sims):
+        scorer.add(name, *retrieval_ranks(s, t2i))
     if len(sims) > 1:
         weights = [1 / len(sims)] * len(sims)
         scorer.add("late-fusion", *late_fusion_ranks(sims, weights, t2i))

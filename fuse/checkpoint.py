@@ -8,6 +8,7 @@ import torch
 
 from data.atomic import atomic_path, read_json, write_json, write_text
 from data.errors import PipelineError
+from data.torch_files import load_pt
 
 
 def save(path: Path, state: dict) -> None:
@@ -19,10 +20,7 @@ def load(path: Path, what: str | None = None) -> dict:
     """A checkpoint of this project (``weights_only=True``); ``what`` names it in the message when it is missing."""
     if not path.is_file():
         raise PipelineError(f"{what or 'checkpoint'}: no checkpoint at {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling refused or a damaged file: name the file
-        raise PipelineError(f"checkpoint {path} cannot be loaded safely: {e}") from None
+    return load_pt(path, "checkpoint")
 
 
 def write_metrics(path: Path, history: list[dict]) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from data.errors import PipelineError
+from data.torch_files import load_pt
 from fuse import checkpoint
 from fuse.config import FuseConfig, ModelConfig
 from fuse.data import open_stores, store_dims
@@ -50,11 +51,7 @@ def read_reference_checkpoint(path: Path) -> dict:
     scalar = (getattr(np, "_core", None) or np.core).multiarray.scalar
     scalars = [np.dtype, (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
                *(type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32))]
-    try:
-        with torch.serialization.safe_globals(scalars):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- refused unpickling or a damaged file: name the file, one line
-        raise PipelineError(f"{path} cannot be loaded safely: {str(e).splitlines()[0]}") from None
+    state = load_pt(path, "HADA-LAVIS checkpoint", scalars)
     if not isinstance(state, dict):
         raise PipelineError(f"{path}: not a HADA-LAVIS checkpoint (a {type(state).__name__}, not a dict)")
     missing = [k for k in ("img_encoder", "cap_encoder", "discriminator", "temp_para") if k not in state]

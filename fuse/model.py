@@ -8,7 +8,7 @@ and ``itm_loss`` (the losses).
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -222,6 +222,10 @@ class HadaModel(nn.Module):
         """``w`` clamped to [weight_min, weight_max]."""
         return self.w.clamp(self.cfg.weight_min, self.cfg.weight_max)
 
+    def learned(self) -> dict[str, float]:
+        """The learned scalars as the model uses them: temperature, and w in the weighted stage."""
+        return learned_scalars({"temp": self.temp, "w": self.w}, self.cfg)
+
     def forward(self, image_blocks: Sequence[NodeBlock], text_blocks: Sequence[NodeBlock],
                 image_ids: Tensor) -> dict[str, Tensor]:
         """Losses for a batch of positive pairs (row k of both sides is a pair)."""
@@ -284,6 +288,14 @@ class HadaModel(nn.Module):
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(image={self.image_encoder!r}, text={self.text_encoder!r}, "
                 f"queue_size={self.cfg.queue_size}, weighted={self.cfg.weighted})")
+
+
+def learned_scalars(state: Mapping[str, Tensor], cfg: ModelConfig) -> dict[str, float]:
+    """Temperature (and w when ``cfg.weighted``) from a model's state, clamped to the ranges the model uses."""
+    out = {"temperature": float(state["temp"].detach().clamp(cfg.temp_min, cfg.temp_max))}
+    if cfg.weighted:
+        out["w"] = float(state["w"].detach().clamp(cfg.weight_min, cfg.weight_max))
+    return out
 
 
 def build_model(dims: dict, cfg: FuseConfig) -> HadaModel:

@@ -195,6 +195,12 @@ def train(cfg: FuseConfig, given: frozenset[str] | None = None) -> dict:
         history, best, best_epoch, bad_epochs = (resumed["history"], resumed["best_rsum"], resumed["best_epoch"],
                                                  resumed["bad_epochs"])
         log.info("resuming %s after epoch %d (best rsum %.2f at epoch %d)", run_dir, len(history), best, best_epoch)
+        if len(history) >= cfg.epochs:
+            log.warning("run %s has trained %d epochs already, --epochs is %d: nothing to train (pass a larger "
+                        "--epochs to continue)", cfg.run, len(history), cfg.epochs)
+        elif bad_epochs >= cfg.patience:
+            log.warning("run %s stopped early: no better validation rsum for %d epochs, --patience is %d: nothing "
+                        "to train (pass a larger --patience to continue)", cfg.run, bad_epochs, cfg.patience)
     elif init:
         trainer.init_from(init, cfg.init_momentum)
         log.info("initialised from run %s (epoch %d): encoders and ITM head", cfg.init, init["epoch"])
@@ -210,6 +216,7 @@ def train(cfg: FuseConfig, given: frozenset[str] | None = None) -> dict:
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # same epoch, same order: resumable
         plan = epoch_plan(train_index, present, blocks, views, cfg.batch_size, cfg.clean_prob, gen)
         row = run_epoch(trainer, epoch, plan, blocks, whole, train_index, train_stores, device)
+        row.update(trainer.model.learned())
         trainer.model.eval()
         row.update(recall_of(*encode_split(trainer.model, val, device, eval_batch_size(cfg)), val))
         row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -226,8 +233,9 @@ def train(cfg: FuseConfig, given: frozenset[str] | None = None) -> dict:
         checkpoint.save(run_dir / "last.pt", state)
         checkpoint.write_metrics(run_dir / "metrics.jsonl", history)
         plot_curves(history, run_dir / "curves.png")
-        log.info("epoch %d: loss %.4f, val rsum %.2f%s, lr %.2e (%.1f s)", epoch, row["loss"], row["rsum"],
-                 " (best)" if improved else "", row["lr"], row["seconds"])
+        log.info("epoch %d: loss %.4f, val rsum %.2f%s, lr %.2e, temperature %.4f%s (%.1f s)", epoch, row["loss"],
+                 row["rsum"], " (best)" if improved else "", row["lr"], row["temperature"],
+                 f", w {row['w']:.3f}" if "w" in row else "", row["seconds"])
     return {"run": str(run_dir), "epochs": len(history), "best_rsum": best, "best_epoch": best_epoch,
             "history": history, "config": cfg}
 

@@ -135,4 +135,7 @@ def test_fuse_and_score_refusals_with_a_cache(demo_cache, tmp_path, monkeypatch)
     refused("score", "--cache", two, names=("demo, other", "--dataset"))
     (tmp_path / "taken").write_text("")
     refused("score", "--cache", cache, "--runs", runs, "--plot", tmp_path / "taken" / "recall.png", names="taken")
+    (tmp_path / "a-folder").mkdir()
+    refused("score", "--cache", cache, "--runs", runs, "--plot", tmp_path / "a-folder",
+            names=("Is a directory", str(tmp_path / "a-folder")))
     assert not runs.exists() or not any(runs.iterdir())  # nothing written by a refusal

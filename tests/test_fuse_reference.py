@@ -266,8 +266,9 @@ def test_reference_checkpoint_round_trips_to_the_oracles_recall(tmp_path, bug, w
     flags = () if bug else ("--no-reference-bug",)
     run_cli("import-hada", path, "--dataset", "syn", "--backbones", "a,b", "--run", "imp", "--cache", cache,
             "--runs", runs, *flags)
-    run_cli("score", "--dataset", "syn", "--run", "imp", "--cache", cache, "--runs", runs, "--json",
-            tmp_path / "s.json")
+    out = run_cli("score", "--dataset", "syn", "--run", "imp", "--cache", cache, "--runs", runs, "--json",
+                  tmp_path / "s.json").output
+    assert "hada (imp, best epoch 7) learned: temperature 0.05" + (", w 0.3" if weighted else "") in out
     doc = json.loads((tmp_path / "s.json").read_text())
     hada = next(r for r in doc["rows"] if r["method"] == "hada")
     with torch.no_grad():
@@ -275,6 +276,7 @@ def test_reference_checkpoint_round_trips_to_the_oracles_recall(tmp_path, bug, w
     assert hada["rsum"] == pytest.approx(want["rsum"], abs=1e-6)
     assert {k: round(v, 6) for k, v in hada.items() if k != "method"} == {k: round(v, 6) for k, v in want.items()}
     assert doc["fusion"]["config"]["model"]["reference_bug"] is bug and doc["fusion"]["best_epoch"] == 7
+    assert doc["fusion"]["learned"] == pytest.approx({"temperature": 0.05, **({"w": 0.3} if weighted else {})})
     # The other encoding would give another table: the bug and the weighting are really in play.
     with torch.no_grad():
         assert oracle_recall(img, cap, cache, not bug, 0.3 if weighted else None)["rsum"] != want["rsum"]
@@ -307,7 +309,12 @@ def test_import_refuses_bad_checkpoints_and_writes_nothing(tmp_path):
     assert "not a HADA-LAVIS checkpoint" in attempt({"model": {}})
     import datetime
 
-    assert "cannot be loaded safely" in attempt({**good, "saved": datetime.date(2023, 1, 1)})
+    assert "cannot be loaded safely: GLOBAL datetime.date is not allowed" in attempt(
+        {**good, "saved": datetime.date(2023, 1, 1)})
+    (tmp_path / "junk.pth.tar").write_text("not a checkpoint")
+    out = run_cli("import-hada", tmp_path / "junk.pth.tar", "--dataset", "syn", "--backbones", "a,b", "--run", "r",
+                  "--cache", cache, "--runs", runs, expect=2).output
+    assert "junk.pth.tar cannot be loaded safely: not a PyTorch file, or a damaged one" in out
 
 
 def as_numpy_1_pickle(src, dst):

@@ -117,6 +117,10 @@ def test_resume_and_init_adopt_the_saved_settings_and_say_so(demo_cache, tmp_pat
     assert "keeping the saved run's" in caplog.text and "--width 64" in caplog.text
     assert json.loads((tmp_path / "a" / "config.json").read_text())["config"]["model"]["width"] == 64
     assert len(metrics(tmp_path / "a")) == 2
+    with caplog.at_level(logging.INFO, logger="pipeline.fuse"):
+        run_cli("fuse", "--cache", cache, "--runs", tmp_path, "--run", "a", "--resume", "--epochs", 2)
+    assert "run a has trained 2 epochs already, --epochs is 2: nothing to train" in caplog.text
+    assert len(metrics(tmp_path / "a")) == 2
     # A second stage may change its recipe, not the shapes of the weights it loads.
     out = run_cli("fuse", "--cache", cache, "--runs", tmp_path, "--init", "a", "--weighted", "--run", "b",
                   "--width", 32, expect=2).output

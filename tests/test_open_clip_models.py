@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import TINY_FUSE, WORDS, run_cli
 from data.backbone_spec import store_name
+from data.errors import PipelineError
 from data.store import FeatureStore, read_shard_attrs
 
 
@@ -186,3 +187,15 @@ def test_full_size_clip_from_a_weights_file_with_the_tag_it_holds(tiny_data, tmp
     assert set(np.diff(images.offsets)) == {1 + 7 * 7} and images.tokens.shape[1] == 512
     assert read_shard_attrs(root / "images-00000.h5")["checkpoint"] == str(file)
     assert_loaded(spec, file, checkpoint=str(file))
+
+
+def test_the_default_tag_fits_the_models_activation():
+    """A plain model defaults to its first weights trained without QuickGELU (ViT-B-32's first tag, openai,
+    needs the -quickgelu variant); a model all of whose weights need the other variant is refused by name."""
+    from extract.backbones.open_clip_source import default_tag
+
+    assert default_tag("ViT-B-32-quickgelu", "--backbone") == "openai"
+    tag = default_tag("ViT-B-32", "--backbone")
+    assert tag != "openai" and not open_clip.get_pretrained_cfg("ViT-B-32", tag).get("quick_gelu", False)
+    with pytest.raises(PipelineError, match="use the -quickgelu variant of RN50"):
+        default_tag("RN50", "--backbone")

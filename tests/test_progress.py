@@ -70,3 +70,16 @@ def test_extract_piped_prints_lines_not_bars(tiny_data, tmp_path):
     assert "root:" not in stderr  # open_clip's own INFO chatter
     summary = [line for line in stderr.splitlines() if "pipeline.extract: clip-tiny test: " in line]
     assert len(summary) == 1 and "images " in summary[0] and "texts " in summary[0], stderr
+
+
+def test_piped_logs_turn_off_third_party_bars_and_the_cuda_home_notice():
+    """transformers' 'Loading weights' bars (from_pretrained on --checkpoint folders) follow ours when piped,
+    and torch's 'No CUDA runtime is found, using CUDA_HOME' notice stays out unless -v."""
+    code = ("import logging, os; from data.logs import configure; configure(); import transformers; "
+            "print(transformers.utils.logging.is_progress_bar_enabled(), "
+            "logging.getLogger('torch.utils.cpp_extension').getEffectiveLevel() > logging.WARNING)")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    proc = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["False", "True"]

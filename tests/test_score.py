@@ -57,6 +57,13 @@ def test_score_table_json_markdown_and_plot(fused_run, tmp_path):
     assert list(doc["notes"]["late_fusion_weights"].values()) == pytest.approx(list(weights))
 
 
+def test_scoring_val_says_it_is_optimistic(fused_run, tmp_path):
+    cache, runs = fused_run
+    for split, warned in (("val", True), ("test", False)):
+        out = run_cli("score", "--dataset", "demo", "--split", split, "--cache", cache, "--runs", runs).output
+        assert ("tuned_on_val: this table scores the val split" in out) is warned
+
+
 def test_rerank_rows(fused_run, tmp_path):
     cache, runs = fused_run
     run_cli("score", "--dataset", "demo", "--cache", cache, "--runs", runs, "--rerank", "--json", tmp_path / "s.json")
@@ -80,6 +87,20 @@ def test_external_similarity_matrices(fused_run, tmp_path):
     np.save(tmp_path / "wrong.npy", sims[:, :-1])
     out = run_cli("score", "--dataset", "demo", "--cache", cache, "--sims", tmp_path / "wrong.npy", expect=2).output
     assert f"expected ({len(index.images)}, {len(index.captions)})" in out and "Traceback" not in out
+
+    (tmp_path / "junk.pt").write_text("not a tensor file")
+    out = run_cli("score", "--dataset", "demo", "--cache", cache, "--sims", tmp_path / "junk.pt", expect=2).output
+    assert out.count("\n") == 1 and "junk.pt cannot be loaded safely: not a PyTorch file" in out
+    for extra in (("--run", "r"), ("--rerank",)):
+        out = run_cli("score", "--dataset", "demo", "--cache", cache, "--sims", tmp_path / "a.npy", *extra,
+                      expect=2).output
+        assert f"{extra[0]} cannot be combined with --sims" in out
+    (tmp_path / "other").mkdir()
+    np.save(tmp_path / "other" / "a.npy", sims)
+    run_cli("score", "--dataset", "demo", "--cache", cache, "--sims", tmp_path / "a.npy", "--sims",
+            tmp_path / "other" / "a.npy", "--json", tmp_path / "s2.json")
+    methods = [r["method"] for r in json.loads((tmp_path / "s2.json").read_text())["rows"]]
+    assert methods == [str(tmp_path / "a"), str(tmp_path / "other" / "a"), "late-fusion"]
 
 
 def test_scoring_against_another_split_index_is_refused(fused_run, tmp_path):

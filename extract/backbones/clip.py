@@ -87,7 +87,8 @@ def clip(options: BackboneOptions) -> Clip:
 
 
 @register("open_clip", "any open_clip model by name, its store named after the spec: open_clip:ViT-L-16-SigLIP2-384"
-                       "@webli; @<tag, weights file or folder, hf-hub:id> (default: the model's first tag)",
+                       "@webli; @<tag, weights file or folder, hf-hub:id> (default: the model's first tag that fits "
+                       "its QuickGELU setting)",
           model=True, weights=True)
 def open_clip_model(options: BackboneOptions) -> Clip:
     flag = f"--backbone open_clip:{options.model}"

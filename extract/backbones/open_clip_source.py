@@ -49,11 +49,17 @@ def model_config(model: str, flag: str) -> dict:
 
 
 def default_tag(model: str, flag: str) -> str:
+    """The model's first pretrained tag whose weights fit its activation (QuickGELU or not): ViT-B-32's first
+    tag, openai, needs ViT-B-32-quickgelu, so plain ViT-B-32 defaults to its first non-QuickGELU weights."""
     tags = open_clip.list_pretrained_tags_by_model(model)
     if not tags:
         raise PipelineError(f"{flag}: open_clip knows no pretrained weights for {model}; name a local weights file "
                             f"or folder (open_clip:{model}@/path/to/weights or --checkpoint)")
-    return tags[0]
+    quick_gelu = model_config(model, flag).get("quick_gelu", False)
+    fitting = [t for t in tags if open_clip.get_pretrained_cfg(model, t).get("quick_gelu", False) == quick_gelu]
+    if not fitting:  # every tag needs the other variant: _tag_config says which to use
+        _tag_config(model, model_config(model, flag), tags[0], flag)
+    return fitting[0]
 
 
 def resolve(model: str, ref: str, download: bool, flag: str, tag: str | None = None) -> OpenClipSource:
