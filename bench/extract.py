@@ -49,7 +49,7 @@ from data.demo import generate_demo  # noqa: E402
 from data.device import autocast, pick_device  # noqa: E402
 from data.store import read_shard_attrs  # noqa: E402
 from extract.backbones import load  # noqa: E402
-from extract.config import ExtractConfig  # noqa: E402
+from extract.config import DEFAULT_SHARD_SIZE, ExtractConfig  # noqa: E402
 from extract.reader import load_rgb  # noqa: E402
 
 
@@ -187,7 +187,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2, help="decoding threads of the pipeline")
     ap.add_argument("--repeats", type=int, default=3, help="timed passes of each; the best is reported")
-    ap.add_argument("--shard-size", type=int, default=ExtractConfig.shard_size)
+    ap.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default bf16 on GPU, fp32 on CPU")
     ap.add_argument("--workdir", help="where images and caches go (default: a temporary folder, removed)")

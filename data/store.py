@@ -136,8 +136,11 @@ class FeatureStore:
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
-    def claim(self, fingerprint: dict) -> dict:
-        """Open for writing with this configuration; refuse a store made with another one."""
+    def claim(self, fingerprint: dict, shard_size: int | None = None) -> dict:
+        """Open for writing with this configuration; refuse a store made with another one.
+
+        ``shard_size`` is recorded, not compared: the caller keeps a store's own (extract.run.shard_size).
+        """
         for stale in self.root.glob(".*.tmp"):  # left by a killed run; never a complete shard
             stale.unlink()
         if self.exists():
@@ -148,7 +151,7 @@ class FeatureStore:
                     f"{describe_difference(manifest['fingerprint'], fingerprint)}. "
                     f"Use another --cache or remove that folder.")
             return manifest
-        manifest = {"schema": SCHEMA_VERSION, "fingerprint": fingerprint, "complete": False}
+        manifest = {"schema": SCHEMA_VERSION, "fingerprint": fingerprint, "complete": False, "shard_size": shard_size}
         write_json(self.manifest_path, manifest)
         return manifest
 

@@ -8,6 +8,8 @@ from data.datasets import SPLITS
 from data.device import PRECISIONS
 from data.options import opt
 
+DEFAULT_SHARD_SIZE = 4096
+
 
 @dataclass(frozen=True)
 class ExtractConfig:
@@ -31,7 +33,8 @@ class ExtractConfig:
                                    "nodes, not only its global node")
     download: bool = opt(False, "allow fetching weights from the Hugging Face Hub (default: local files only)")
     batch_size: int = opt(32, "images or captions per forward pass", min=1)
-    shard_size: int = opt(4096, "images or captions per HDF5 shard", min=1)
+    shard_size: int | None = opt(None, f"images or captions per HDF5 shard (default {DEFAULT_SHARD_SIZE}); a store "
+                                       f"keeps the size it was made with: leave it out to continue one", min=1)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     precision: str = opt("fp32", "inference precision", choices=PRECISIONS)
     workers: int = opt(2, "threads decoding and preprocessing images (0: in the thread that runs the shard)", min=0)

@@ -15,7 +15,7 @@ from data.index import SplitIndex, store_index
 from data.progress import Progress
 from data.store import FeatureStore, read_shard_attrs, sample_bytes, shard_is_complete
 from extract.backbones import check, load
-from extract.config import ExtractConfig
+from extract.config import DEFAULT_SHARD_SIZE, ExtractConfig
 from extract.shard import ShardJob, run_shard
 
 log = logging.getLogger("pipeline.extract")
@@ -55,9 +55,54 @@ def plan_runs(cfg: ExtractConfig) -> list[tuple[ExtractConfig, SplitIndex]]:
     check_config(cfg)
     dataset = dataset_in_data_root(cfg.data_root, cfg.dataset)
     spec = resolve(dataset, cfg.data_root, cfg.annotations, cfg.images)
+    check_image_root(spec, cfg)
     indexes = load_splits(spec, [cfg.split] if cfg.split else None)
     return [(replace(cfg, backbone=name, dataset=dataset, split=split, views=cfg.views if split == "train" else 0),
              index) for name in names for split, index in indexes.items()]
+
+
+def check_image_root(spec, cfg: ExtractConfig) -> None:
+    """Refuse an image folder that does not exist, before anything is written."""
+    if not spec.image_root.is_dir():
+        raise PipelineError(f"--images {cfg.images}: no such folder" if cfg.images else
+                            f"{spec.image_root}: no such folder (the images of --dataset {spec.name} under "
+                            f"--data-root {cfg.data_root})")
+
+
+def shard_size(cfg: ExtractConfig, store: FeatureStore, n_images: int, n_texts: int) -> int:
+    """The shard size to cut with: a store keeps the one it was made with; another --shard-size is refused.
+
+    Stores made before the manifest recorded it have it in their finished config, else it is read off their
+    shards (``start // number``, or the first shard's rows); a store with no shard yet takes any size.
+    """
+    stored = None
+    if store.exists():
+        manifest = store.manifest()
+        stored = manifest.get("shard_size") or manifest.get("config", {}).get("shard_size")
+        if stored is None:
+            stored = shards_cut_with(store, cfg.shard_size or DEFAULT_SHARD_SIZE, n_images, n_texts)
+    if stored is None or cfg.shard_size == stored:
+        return cfg.shard_size or DEFAULT_SHARD_SIZE
+    if cfg.shard_size is not None:
+        raise PipelineError(f"--shard-size {cfg.shard_size}: the store at {store.root} was made with --shard-size "
+                            f"{stored}; leave --shard-size out to continue it, or use another --cache")
+    if stored != DEFAULT_SHARD_SIZE:
+        log.info("%s was made with --shard-size %d: continuing with it", store.root, stored)
+    return stored
+
+
+def shards_cut_with(store: FeatureStore, size: int, n_images: int, n_texts: int) -> int | None:
+    """None if every shard in the store is one that ``size`` cuts; else the size one of them was cut with."""
+    jobs = {j.name: (j.start, j.stop) for j in plan(n_images, n_texts, size)}
+    for path in sorted(store.root.glob("*-*.h5")):
+        try:
+            attrs = read_shard_attrs(path)
+            start, stop, number = int(attrs["start"]), int(attrs["stop"]), int(path.stem.rsplit("-", 1)[1])
+        except (OSError, KeyError, ValueError):
+            continue  # unreadable: redone whatever the size
+        if jobs.get(path.name) != (start, stop):
+            return start // number if number else stop - start
+    return None
 
 
 def plan(n_images: int, n_texts: int, shard_size: int) -> list[ShardJob]:
@@ -126,11 +171,13 @@ def run_extract(cfg: ExtractConfig, index: SplitIndex | None = None) -> dict:
     """Extract one backbone over one split (``index``, read here if None) into its store; returns the summary."""
     check_config(cfg)
     spec = resolve(cfg.dataset, cfg.data_root, cfg.annotations, cfg.images)
+    check_image_root(spec, cfg)
     index = index if index is not None else load_split(spec, cfg.split)
     log.info("split %s (index version %s)", index.describe(), index.version)
     backbone = load(cfg.backbone, cfg.backbone_options(), pick_device(cfg.device))  # weights first: fails fast
     estimate = estimate_bytes(backbone, cfg, index)
     store = FeatureStore.at(cfg.cache, index.dataset, index.split, cfg.store)
+    cfg = replace(cfg, shard_size=shard_size(cfg, store, len(index.images), len(index.captions)))
     jobs = plan(len(index.images), len(index.captions), cfg.shard_size)
     if cfg.dry_run:
         return {"dry_run": True, "store": str(store.root), "shards": len(jobs), "estimate": estimate,
@@ -138,7 +185,7 @@ def run_extract(cfg: ExtractConfig, index: SplitIndex | None = None) -> dict:
 
     store_index(index, cfg.cache)
     fp = fingerprint(cfg, backbone, index.version)
-    manifest = store.claim(fp)
+    manifest = store.claim(fp, cfg.shard_size)
     attrs = {**fp, **{k: v for k, v in backbone.describe().items() if k in VERSION_KEYS}}
     todo = [j for j in jobs if not shard_is_complete(store.root / j.name, {"index_version": index.version,
                                                                             "start": j.start, "stop": j.stop})]
@@ -150,15 +197,21 @@ def run_extract(cfg: ExtractConfig, index: SplitIndex | None = None) -> dict:
     # Every bad image of the run is named at once; shards holding one were not written (unless --skip-bad).
     bad = sorted({(i, e) for r in results for i, e in r.bad}
                  | {(i, e) for a in written for i, e in json.loads(a.get("bad_images", "[]"))})
+    if index.images and len({i for i, _ in bad}) == len(index.images):
+        for j in jobs:  # image shards of no rows (--skip-bad): not kept, so a rerun with the right folder redoes them
+            if j.kind == "images":
+                (store.root / j.name).unlink(missing_ok=True)
+        raise PipelineError(f"all {len(index.images)} images of {index.dataset}/{index.split} are unreadable "
+                            f"(the first: {bad[0][1]}): is {spec.image_root} their folder?")
     if bad and not cfg.skip_bad:
         raise PipelineError(bad_images_message(bad))
     manifest.update(
         shards={kind: [j.name for j in jobs if j.kind == kind] for kind in ("images", "texts")},
         bad_images=[{"id": i, "error": e} for i, e in bad],
         truncated_captions=sum(int(a.get("truncated", 0)) for a in written if a.get("kind") == "texts"),
-        config=cfg.to_dict())
+        shard_size=cfg.shard_size, config=cfg.to_dict())
     store.finish(manifest)
-    sizes = {p.name: p.stat().st_size for p in store.root.glob("*.h5")}
+    sizes = {j.name: (store.root / j.name).stat().st_size for j in jobs if (store.root / j.name).is_file()}
     return {"store": str(store.root), "shards": len(jobs), "shards_written": sum(r.written for r in results),
             "rows": {"images": len(index.images) * (1 + cfg.views) - len(bad) * (1 + cfg.views),
                      "texts": len(index.captions)},

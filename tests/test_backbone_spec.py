@@ -24,6 +24,23 @@ def test_store_names_are_derived_from_the_spec(spec, store):
     assert all(c.isalnum() or c in "._-@" for c in store)
 
 
+@pytest.mark.parametrize("weights,store", [
+    ("cache/demo-weights/blip-demo-897ac1c5", "blip-demo@blip-demo-897ac1c5"),  # relative, existing
+    ("./cache/demo-weights/blip-demo-897ac1c5", "blip-demo@blip-demo-897ac1c5"),
+    ("{tmp}/cache/demo-weights/blip-demo-897ac1c5", "blip-demo@blip-demo-897ac1c5"),  # absolute
+    ("cache/demo-weights/blip-demo-897ac1c5/", "blip-demo@blip-demo-897ac1c5"),
+    ("elsewhere/demo-weights/blip-demo-0", "blip-demo@blip-demo-0"),  # two '/': a path even where it is not
+    ("local/blip-demo-1", "blip-demo@blip-demo-1"),  # org/name form, but that folder exists here
+    ("Salesforce/blip-itm-large-coco", "blip-demo@Salesforce.blip-itm-large-coco"),  # an HF id
+    ("hf-hub:timm/ViT-B-16-SigLIP2", "blip-demo@hf-hub.timm.ViT-B-16-SigLIP2"),
+])
+def test_every_local_path_is_named_by_its_last_component(tmp_path, monkeypatch, weights, store):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache" / "demo-weights" / "blip-demo-897ac1c5").mkdir(parents=True)
+    (tmp_path / "local" / "blip-demo-1").mkdir(parents=True)
+    assert store_name("blip-demo@" + weights.format(tmp=tmp_path)) == store
+
+
 def test_parse_round_trips_and_splits_lists():
     spec = parse_spec(" open_clip:ViT-L-16-SigLIP2-384@webli ")
     assert spec == BackboneSpec("open_clip", "ViT-L-16-SigLIP2-384", "webli")
@@ -54,7 +71,8 @@ def test_bad_syntax_is_named(spec, words):
     ("open_clip:ViT-B-32@laion9", "not a pretrained tag of ViT-B-32"),
     ("open_clip:ViT-B-32@openai", "QuickGELU"),
     ("open_clip:ViT-B-32@./missing.safetensors", "no such file"),
-    ("blip2@./missing-folder", "no such folder"),
+    ("blip2@./missing-folder", "--backbone blip2@./missing-folder: no such folder"),
+    ("blip2@missing/deeper/folder", "--backbone blip2@missing/deeper/folder: no such folder"),
 ])
 def test_bad_specs_fail_with_one_error_line_and_write_nothing(tiny_data, tmp_path, spec, words):
     out = run_cli("extract", "--backbone", spec, "--dataset", "toy", "--data-root", tiny_data,
@@ -83,7 +101,9 @@ def test_fuse_names_a_bad_or_missing_spec(demo_cache, tmp_path):
 
 def test_backbones_lists_families_and_open_clip_models():
     out = run_cli("backbones").output
-    for text in ("blip2[@<weights>]", "open_clip:<model>[@<weights>]", "blip2-tiny",
+    for text in ("blip2[@<weights>]", "open_clip:<model>[@<weights>]", "blip2-tiny", "blip-demo@<weights> ",
+                 "clip-demo@<weights> ",
                  "ViT-SO400M-14-SigLIP2-378  @webli",
                  "ViT-L-16-SigLIP2-384  @webli", "EVA02-L-14"):
         assert text in out, text
+    assert "blip-demo[@" not in out and "clip-demo[@" not in out  # their weights are required

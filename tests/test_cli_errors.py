@@ -82,9 +82,33 @@ def coco_folder(tmp_path, monkeypatch) -> Path:
     (("--views", 1, "--split", "test"), "--views"),
     (("--scheduler", "distributed"), "--address"),
     (("--annotations", "datasets/coco/dataset_coco.json", "--images", "datasets/coco/images"), "--dataset"),
+    (("--annotations", "datasets/coco/dataset_coco.json", "--dataset", "c2", "--split", "test", "--images", "nowhere",
+      "--skip-bad"), "--images nowhere: no such folder"),
 ])
 def test_extract_refusals_with_a_dataset(coco_folder, args, names):
     refused("extract", "--backbone", "clip-tiny", *args, names=names)
+    assert not (coco_folder / "cache").exists()
+
+
+def test_a_missing_image_folder_of_the_data_root(coco_folder):
+    for image in (coco_folder / "datasets" / "coco" / "images").iterdir():
+        image.unlink()
+    (coco_folder / "datasets" / "coco" / "images").rmdir()
+    refused("extract", "--backbone", "clip-tiny", "--skip-bad", names=("datasets/coco/images: no such folder",
+                                                                      "--data-root datasets"))
+    assert not (coco_folder / "cache").exists()
+
+
+@pytest.mark.parametrize("args,names", [
+    (("--backbone", "blip2@/nonexist/folder"), "Error: --backbone blip2@/nonexist/folder: no such folder"),
+    (("--backbone", "blip2", "--checkpoint", "/nonexist/folder"),
+     "Error: --checkpoint /nonexist/folder: no such folder"),
+    (("--backbone", "clip@nonexist/deeper/w.safetensors"), "Error: --backbone clip@nonexist/deeper/w.safetensors: no "),
+    (("--backbone", "open_clip:ViT-B-32@laion9"), "Error: --backbone open_clip:ViT-B-32@laion9: not a pretrained tag"),
+    (("--backbone", "clip", "--model", "RN99"), "Error: --model: 'RN99' is not an open_clip model name"),
+])
+def test_weights_are_named_where_they_were_given(coco_folder, args, names):
+    refused("extract", *args, "--split", "test", names=names)
     assert not (coco_folder / "cache").exists()
 
 

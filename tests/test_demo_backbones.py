@@ -13,7 +13,7 @@ from conftest import TINY_FUSE, run_cli
 from data.demo import generate_demo
 from data.store import ShardData, read_shard_attrs, write_shard
 from extract.backbones import BackboneOptions, create
-from extract.backbones.demo_training import TRAINING_RECORD, demo_weights
+from extract.backbones.demo_training import TRAINING_RECORD, demo_weights, weights_folder
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,13 @@ def test_training_is_seeded_reused_and_read_back_through_checkpoint(small_demo, 
 
 
 @pytest.mark.parametrize("name", ["blip-demo", "clip-demo"])
-def test_demo_backbones_need_their_weights(tiny_data, tmp_path, name):
+def test_demo_backbones_need_their_weights(tiny_data, small_demo, tmp_path, name):
     out = run_cli("extract", "--backbone", name, "--dataset", "toy", "--data-root", tiny_data, "--cache", tmp_path,
                   expect=2).output
     assert f"{name} needs the weights `pipeline demo` trains" in out
+    assert f"<cache>/demo-weights/{name}-<hash>/" in out and f"{name}@<that folder>" in out and "--checkpoint" in out
+    folder = weights_folder(tmp_path, name, small_demo)  # where the message says `pipeline demo` writes them
+    assert folder.parent == tmp_path / "demo-weights" and folder.name.startswith(f"{name}-")
 
 
 def shuffle_image_features(store_root, seed: int = 0) -> None:

@@ -1,4 +1,5 @@
 """Stage one: extraction with the tiny backbones into HDF5 shards."""
+import json
 import os
 import subprocess
 import sys
@@ -127,6 +128,57 @@ def test_another_configuration_is_refused(tiny_data, tmp_path):
     extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny")
     out = extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny", "--clip-tokens", expect=2).output
     assert "another configuration" in out and "clip_tokens" in out
+
+
+def shard_files(root: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(root.glob("*.h5"))}
+
+
+def test_a_store_keeps_its_shard_size(tiny_data, tmp_path, caplog):
+    extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny", "--shard-size", 3)
+    store = FeatureStore.at(tmp_path / "c", "toy", "test", "clip-tiny")
+    before = shard_files(store.root)
+    assert store.manifest()["shard_size"] == 3 and len([n for n in before if n.startswith("images")]) == 3
+    out = extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny").output  # the default, not given: adopted
+    assert "made with --shard-size 3: continuing with it" in caplog.text and "(0 written now)" in out
+    out = extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny", "--shard-size", 5, expect=2).output
+    errors = [line for line in out.splitlines() if line.startswith("Error: ")]
+    assert errors == [f"Error: --shard-size 5: the store at {store.root} was made with --shard-size 3; leave "
+                      f"--shard-size out to continue it, or use another --cache"], out
+    assert shard_files(store.root) == before  # nothing rewritten, nothing left beside the store's shards
+    (store.root / "images-00042.h5").write_bytes((store.root / "images-00000.h5").read_bytes())
+    on_disk = [extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny").output.split("on disk")[0][-12:]]
+    (store.root / "images-00042.h5").unlink()
+    on_disk.append(extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny").output.split("on disk")[0][-12:])
+    assert on_disk[0] == on_disk[1]  # a stray file is not counted as the store's
+
+
+def test_a_store_begun_before_shard_sizes_were_recorded(tiny_data, tmp_path):
+    extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny", "--shard-size", 3)
+    store = FeatureStore.at(tmp_path / "c", "toy", "test", "clip-tiny")
+    manifest = store.manifest()
+    legacy = {k: v for k, v in manifest.items() if k in ("schema", "fingerprint")}  # claimed, never finished
+    store.manifest_path.write_text(json.dumps({**legacy, "complete": False}))
+    before = shard_files(store.root)
+    out = extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny", "--shard-size", 4, expect=2).output
+    assert "--shard-size 4: the store at" in out and "made with --shard-size 3" in out
+    assert shard_files(store.root) == before
+    out = extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny").output  # read off its shards
+    assert "(0 written now)" in out and store.manifest()["shard_size"] == 3
+
+
+def test_a_folder_of_no_readable_image_is_refused_and_leaves_no_empty_store(tiny_data, tmp_path):
+    (tmp_path / "empty").mkdir()
+    ann = tiny_data / "toy" / "dataset_toy.json"
+    args = ("--backbone", "clip-tiny", "--annotations", ann, "--dataset", "d")
+    out = extract(tiny_data, tmp_path / "c", *args, "--images", tmp_path / "empty", "--skip-bad", expect=2).output
+    errors = [line for line in out.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and "all 8 images of d/test are unreadable" in errors[0], out
+    assert f"{tmp_path / 'empty'}/img_0016.jpg" in errors[0] and f"is {tmp_path / 'empty'} their folder" in errors[0]
+    store = FeatureStore.at(tmp_path / "c", "d", "test", "clip-tiny")
+    assert not store.manifest()["complete"] and not list(store.root.glob("images-*.h5"))
+    out = extract(tiny_data, tmp_path / "c", *args, "--images", tiny_data / "toy" / "images", "--skip-bad").output
+    assert "8 image rows" in out and "0 bad images" in out
 
 
 def test_bad_images_are_named_and_skipped_consistently(tiny_data, tmp_path):

@@ -24,15 +24,16 @@ class Family:
     summary: str
     model: bool = False  # the spec names a model: family:model (required)
     weights: bool = False  # the spec may name weights: family@weights (tiny random-init families may not)
+    needs_weights: bool = False  # and must have them, there or from --checkpoint (no default weights)
 
 
 _REGISTRY: dict[str, Family] = {}
 
 
-def register(name: str, summary: str, model: bool = False, weights: bool = False):
+def register(name: str, summary: str, model: bool = False, weights: bool = False, needs_weights: bool = False):
     """Decorator: make a factory available under the family ``name``."""
     def wrap(factory):
-        _REGISTRY[name] = Family(factory, summary, model, weights)
+        _REGISTRY[name] = Family(factory, summary, model, weights, needs_weights)
         return factory
     return wrap
 
@@ -46,7 +47,8 @@ def available() -> dict[str, str]:
     """Each family's spec syntax and summary."""
     out = {}
     for name, fam in families().items():
-        syntax = name + (":<model>" if fam.model else "") + ("[@<weights>]" if fam.weights else "")
+        weights = "@<weights>" if fam.needs_weights else "[@<weights>]" if fam.weights else ""
+        syntax = name + (":<model>" if fam.model else "") + weights
         out[syntax] = fam.summary
     return out
 

@@ -93,8 +93,20 @@ class Backbone(abc.ABC):
         return self
 
 
+def weights_flag(spec: str, options: BackboneOptions) -> str:
+    """Where messages say a backbone's weights were named: ``--checkpoint``, else the spec's @weights (``--backbone
+    blip2@``, also for default weights, which could be named there); ``named`` joins it to the reference."""
+    return "--checkpoint" if options.checkpoint else f"--backbone {spec}@"
+
+
+def named(flag: str, ref: str) -> str:
+    """A weights reference as it was written: ``--checkpoint REF`` or ``--backbone blip2@REF``."""
+    return f"{flag}{ref}" if flag.endswith("@") else f"{flag} {ref}"
+
+
 def missing_weights(what: str, where: str, flag: str) -> PipelineError:
     """The one message for weights that cannot be had offline."""
+    point = f"{flag}<folder> or --checkpoint" if flag.endswith("@") else flag
     return PipelineError(
-        f"weights {what} not found ({where}). Point {flag} at a local copy, or pass --download "
+        f"weights {what} not found ({where}). Point {point} at a local copy, or pass --download "
         f"to fetch them (needs network access).")

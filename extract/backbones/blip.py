@@ -10,7 +10,7 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 from data.errors import PipelineError
 from extract.augment import TrainView
 from extract.backbones import register
-from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized
+from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized, named, weights_flag
 from extract.backbones.text import bert_tokenize
 from extract.backbones.weights import hf_snapshot, load_hf_model
 
@@ -79,22 +79,22 @@ class Blip(Backbone):
 @register("blip", "BLIP ViT-B/16 retrieval model (transformers), fine-tuned on the chosen dataset", weights=True)
 def blip(options: BackboneOptions) -> Blip:
     ref = options.checkpoint or options.weights or DEFAULT_CHECKPOINTS.get(options.dataset, DEFAULT_CHECKPOINTS["coco"])
-    return load_blip("blip", ref, options.download)
+    return load_blip("blip", ref, options.download, weights_flag("blip", options))
 
 
-def load_blip(name: str, ref: str, download: bool) -> Blip:
+def load_blip(name: str, ref: str, download: bool, flag: str) -> Blip:
     """A BLIP retrieval model, its tokenizer and image processor from an HF id or folder, checked completely."""
-    folder = hf_snapshot(ref, "--checkpoint", download)
-    model = load_hf_model(BlipForImageTextRetrieval, folder, ref)
-    return Blip(name, model, *load_preprocessing(folder, ref), ref)
+    folder = hf_snapshot(ref, flag, download)
+    model = load_hf_model(BlipForImageTextRetrieval, folder, ref, flag)
+    return Blip(name, model, *load_preprocessing(folder, ref, flag), ref)
 
 
-def load_preprocessing(folder: str, ref: str) -> tuple:
+def load_preprocessing(folder: str, ref: str, flag: str) -> tuple:
     """(tokenizer, PIL image processor) saved beside a BLIP or BLIP-2 model."""
     try:
         return AutoTokenizer.from_pretrained(folder), BlipImageProcessorPil.from_pretrained(folder)
     except (OSError, ValueError) as e:
-        raise PipelineError(f"--checkpoint {ref}: no tokenizer or image processor in {folder} ({e})") from None
+        raise PipelineError(f"{named(flag, ref)}: no tokenizer or image processor in {folder} ({e})") from None
 
 
 def tiny_vocabulary() -> dict[str, int]:
@@ -133,9 +133,11 @@ def blip_tiny(options: BackboneOptions) -> Blip:
 
 
 @register("blip-demo", "the demo's BLIP: the blip-tiny architecture with weights `pipeline demo` trains (colours "
-                       "view); --checkpoint <folder>", weights=True)
+                       "view), required: @<folder> or --checkpoint <folder>", weights=True, needs_weights=True)
 def blip_demo(options: BackboneOptions) -> Blip:
+    from extract.backbones.demo_training import missing_demo_weights
+
     ref = options.checkpoint or options.weights
     if not ref:
-        raise PipelineError("blip-demo needs the weights `pipeline demo` trains: pass --checkpoint <folder>")
-    return load_blip("blip-demo", ref, options.download)
+        raise missing_demo_weights("blip-demo")
+    return load_blip("blip-demo", ref, options.download, weights_flag("blip-demo", options))

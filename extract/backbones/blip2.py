@@ -19,7 +19,7 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 from data.errors import PipelineError
 from extract.augment import TrainView
 from extract.backbones import register
-from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized
+from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized, named, weights_flag
 from extract.backbones.blip import PixelTransform, load_preprocessing, tiny_vocabulary
 from extract.backbones.text import bert_tokenize
 from extract.backbones.weights import hf_snapshot, load_hf_model
@@ -30,7 +30,8 @@ MAX_TEXT_TOKENS = 35  # LAVIS's BLIP-2 retrieval evaluation truncates captions t
 
 
 class Blip2(Backbone):
-    def __init__(self, name: str, model: Blip2ForImageTextRetrieval, tokenizer, processor, checkpoint: str):
+    def __init__(self, name: str, model: Blip2ForImageTextRetrieval, tokenizer, processor, checkpoint: str,
+                 flag: str = "--checkpoint"):
         self.name, self.module, self.tokenizer, self.processor = name, model.eval(), tokenizer, processor
         self.checkpoint = checkpoint
         vc = model.config.vision_config
@@ -40,7 +41,7 @@ class Blip2(Backbone):
         self.max_length = min(MAX_TEXT_TOKENS, model.config.qformer_config.max_position_embeddings)
         size = processor.size
         if (size.get("height"), size.get("width")) != (vc.image_size, vc.image_size):
-            raise PipelineError(f"--checkpoint {checkpoint}: the image processor resizes to {size}, "
+            raise PipelineError(f"{named(flag, checkpoint)}: the image processor resizes to {size}, "
                                 f"the model expects {vc.image_size} px")
 
     def image_rows(self, token_pool: int = 1) -> int:
@@ -99,9 +100,10 @@ class Blip2(Backbone):
                    f"{DEFAULT_CHECKPOINT}; @<HF id or folder> for others", weights=True)
 def blip2(options: BackboneOptions) -> Blip2:
     ref = options.checkpoint or options.weights or DEFAULT_CHECKPOINT
-    folder = hf_snapshot(ref, "--checkpoint", options.download)
-    model = load_hf_model(Blip2ForImageTextRetrieval, folder, ref)
-    return Blip2("blip2", model, *load_preprocessing(folder, ref), ref)
+    flag = weights_flag("blip2", options)
+    folder = hf_snapshot(ref, flag, options.download)
+    model = load_hf_model(Blip2ForImageTextRetrieval, folder, ref, flag)
+    return Blip2("blip2", model, *load_preprocessing(folder, ref, flag), ref, flag)
 
 
 def tiny_blip2_config(vocab_size: int, pad_token_id: int) -> Blip2Config:

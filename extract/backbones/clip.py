@@ -7,11 +7,10 @@ import open_clip
 import torch
 
 from data.backbone_spec import looks_like_path
-from data.errors import PipelineError
 from extract.augment import TrainView
 from extract.backbones import open_clip_source as source
 from extract.backbones import register
-from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized
+from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized, weights_flag
 from extract.backbones.open_clip_tokens import check_patch_tokens, patch_grid, pooled_and_patches
 
 # OpenAI weights need QuickGELU; the plain ViT-L-14-336 config with them gives wrong features silently.
@@ -83,6 +82,7 @@ class Clip(Backbone):
                   "another architecture in the same `clip` store (prefer open_clip:<model>)", weights=True)
 def clip(options: BackboneOptions) -> Clip:
     model_name = options.model or DEFAULT_MODEL
+    source.model_config(model_name, "--model")
     return _open_clip("clip", model_name, options.checkpoint or options.weights or DEFAULT_TAG, None, options)
 
 
@@ -101,7 +101,7 @@ def open_clip_model(options: BackboneOptions) -> Clip:
 
 
 def _open_clip(name: str, model_name: str, ref: str, tag: str | None, options: BackboneOptions) -> Clip:
-    flag = f"--backbone open_clip:{model_name}" if name == "open_clip" else "--checkpoint"
+    flag = weights_flag(f"open_clip:{model_name}" if name == "open_clip" else name, options)
     resolved = source.resolve(model_name, ref, options.download, flag, tag)
     model, preprocess, tokenizer = source.load(resolved, ref, flag)
     return Clip(name, model, preprocess, tokenizer, model_name, ref, options.tokens,
@@ -133,9 +133,11 @@ def clip_tiny(options: BackboneOptions) -> Clip:
 
 
 @register("clip-demo", f"the demo's CLIP: the {TINY_MODEL} architecture with weights `pipeline demo` trains "
-                       "(shapes view); --checkpoint <folder>", weights=True)
+                       "(shapes view), required: @<folder> or --checkpoint <folder>", weights=True, needs_weights=True)
 def clip_demo(options: BackboneOptions) -> Clip:
+    from extract.backbones.demo_training import missing_demo_weights
+
     ref = options.checkpoint or options.weights
     if not ref:
-        raise PipelineError("clip-demo needs the weights `pipeline demo` trains: pass --checkpoint <folder>")
+        raise missing_demo_weights("clip-demo")
     return _open_clip("clip-demo", TINY_MODEL, ref, None, options)

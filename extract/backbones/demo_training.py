@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from data.atomic import read_json, write_json
 from data.demo import demo_dir, demo_scenes, view_captions
 from data.device import one_torch_thread
+from data.errors import PipelineError
 from extract.reader import load_rgb
 
 log = logging.getLogger("pipeline.demo")
@@ -127,6 +128,13 @@ def save(backbone, folder: Path) -> None:
         "model_cfg": open_clip.get_model_config(TINY_MODEL),
         "preprocess_cfg": {"mean": list(open_clip.OPENAI_DATASET_MEAN), "std": list(open_clip.OPENAI_DATASET_STD),
                            "interpolation": "bicubic", "resize_mode": "shortest"}})
+
+
+def missing_demo_weights(name: str) -> PipelineError:
+    """The refusal of a demo backbone named without its weights: where `pipeline demo` writes them (weights_folder)."""
+    return PipelineError(f"{name} needs the weights `pipeline demo` trains, which it writes to "
+                         f"<cache>/demo-weights/{name}-<hash>/: write {name}@<that folder> or pass --checkpoint "
+                         f"<that folder>")
 
 
 def weights_folder(cache: str | Path, name: str, data_root: str | Path) -> Path:

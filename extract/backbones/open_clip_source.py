@@ -17,7 +17,7 @@ import open_clip
 
 from data.backbone_spec import looks_like_path
 from data.errors import PipelineError
-from extract.backbones.base import missing_weights
+from extract.backbones.base import missing_weights, named
 from extract.backbones.weights import hf_cached_file, hf_snapshot
 
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
@@ -71,7 +71,7 @@ def resolve(model: str, ref: str, download: bool, flag: str, tag: str | None = N
     if path.is_dir() or path.is_file():
         return _local(model, cfg, path, ref, download, flag, tag)
     if looks_like_path(ref):
-        raise PipelineError(f"{flag} {ref}: no such file or folder")
+        raise PipelineError(f"{named(flag, ref)}: no such file or folder")
     pretrained = _tag_config(model, cfg, ref, flag)
     preprocess = {k: pretrained[k] for k in PREPROCESS_KEYS if k in pretrained}
     if download:
@@ -89,12 +89,12 @@ def _tag_config(model: str, cfg: dict, tag: str, flag: str) -> dict:
     pretrained = open_clip.get_pretrained_cfg(model, tag)
     if not pretrained:
         tags = open_clip.list_pretrained_tags_by_model(model)
-        raise PipelineError(f"{flag}: {tag!r} is not a pretrained tag of {model} (known: {', '.join(tags) or 'none'}), "
-                            f"nor a local file or folder")
+        raise PipelineError(f"{named(flag, tag)}: not a pretrained tag of {model} "
+                            f"(known: {', '.join(tags) or 'none'}), nor a local file or folder")
     if pretrained.get("quick_gelu", False) != cfg.get("quick_gelu", False):
         need = "with" if pretrained.get("quick_gelu") else "without"
-        raise PipelineError(f"{flag}: the {tag} weights were trained {need} QuickGELU but {model} is configured "
-                            f"otherwise, which gives wrong features silently; use the "
+        raise PipelineError(f"{named(flag, tag)}: the {tag} weights were trained {need} QuickGELU but {model} is "
+                            f"configured otherwise, which gives wrong features silently; use the "
                             f"{'-quickgelu' if pretrained.get('quick_gelu') else 'plain'} variant of {model}")
     return pretrained
 
@@ -104,17 +104,18 @@ def _local(model: str, cfg: dict, path: Path, ref: str, download: bool, flag: st
     folder = path if path.is_dir() else path.parent
     weights = path if path.is_file() else next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
     if weights is None:
-        raise PipelineError(f"{flag} {ref}: no open_clip weights in {folder} (looked for {', '.join(WEIGHT_FILES)})")
+        raise PipelineError(f"{named(flag, ref)}: no open_clip weights in {folder} "
+                            f"(looked for {', '.join(WEIGHT_FILES)})")
     saved = _saved_config(folder, ref, flag)
     if saved.get("model_cfg"):
         diff = [k for k in ARCHITECTURE_KEYS if _differs(_get(cfg, k), _get(saved["model_cfg"], k))]
         if saved["model_cfg"].get("quick_gelu", False) != cfg.get("quick_gelu", False):
             diff.append("quick_gelu")
         if diff:
-            raise PipelineError(f"{flag} {ref}: holds another architecture than {model} (its open_clip_config.json "
-                                f"differs in {', '.join(diff)})")
+            raise PipelineError(f"{named(flag, ref)}: holds another architecture than {model} "
+                                f"(its open_clip_config.json differs in {', '.join(diff)})")
     if tag is not None:
-        pretrained = _tag_config(model, cfg, tag, flag)
+        pretrained = _tag_config(model, cfg, tag, f"--backbone open_clip:{model}@")  # only that spec names one
     elif saved.get("preprocess_cfg"):
         pretrained = saved["preprocess_cfg"]
     else:
@@ -131,7 +132,7 @@ def _saved_config(folder: Path, ref: str, flag: str) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise PipelineError(f"{flag} {ref}: {path} cannot be read ({e})") from None
+        raise PipelineError(f"{named(flag, ref)}: {path} cannot be read ({e})") from None
 
 
 def _get(cfg: dict, dotted: str):
@@ -170,7 +171,7 @@ def load(source: OpenClipSource, ref: str, flag: str):
             **{f"image_{k}": v for k, v in source.preprocess.items()})
     except (RuntimeError, OSError, ValueError, KeyError) as e:
         reason = " ".join(str(e).split())[:300]
-        raise PipelineError(f"{flag} {ref}: could not load into {source.model} ({reason})") from None
+        raise PipelineError(f"{named(flag, ref)}: could not load into {source.model} ({reason})") from None
     text_cfg = open_clip.get_model_config(source.model)["text_cfg"]
     if source.tokenizer is None:
         return model, preprocess, open_clip.get_tokenizer(source.model)
@@ -178,5 +179,5 @@ def load(source: OpenClipSource, ref: str, flag: str):
         tokenizer = HFTokenizer(source.tokenizer, context_length=text_cfg.get("context_length", 77),
                                 tokenizer_mode=text_cfg.get("tokenizer_mode"), **text_cfg.get("tokenizer_kwargs", {}))
     except (OSError, ValueError) as e:
-        raise PipelineError(f"{flag} {ref}: the tokenizer at {source.tokenizer} cannot be loaded ({e})") from None
+        raise PipelineError(f"{named(flag, ref)}: the tokenizer at {source.tokenizer} cannot be loaded ({e})") from None
     return model, preprocess, tokenizer

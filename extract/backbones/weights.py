@@ -6,7 +6,7 @@ from pathlib import Path
 
 from data.backbone_spec import looks_like_path
 from data.errors import PipelineError
-from extract.backbones.base import missing_weights
+from extract.backbones.base import missing_weights, named
 
 __all__ = ["hf_cached_file", "hf_snapshot", "load_hf_model", "looks_like_path"]
 
@@ -17,7 +17,7 @@ def hf_snapshot(repo_id: str, flag: str, download: bool, allow_patterns: list[st
     if path.is_dir():
         return str(path)
     if looks_like_path(repo_id):
-        raise PipelineError(f"{flag} {repo_id}: no such folder")
+        raise PipelineError(f"{named(flag, repo_id)}: no such folder")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -44,26 +44,26 @@ def load_hf_model(model_cls, folder: str, ref: str, flag: str = "--checkpoint"):
     """``model_cls.from_pretrained(folder)``, refusing a folder of another architecture and any key mismatch."""
     config = Path(folder) / "config.json"
     if not config.is_file():
-        raise PipelineError(f"{flag} {ref}: {folder} has no config.json (not a saved transformers model)")
+        raise PipelineError(f"{named(flag, ref)}: {folder} has no config.json (not a saved transformers model)")
     try:
         saved = json.loads(config.read_text())
     except (OSError, ValueError) as e:
-        raise PipelineError(f"{flag} {ref}: {config} cannot be read ({e})") from None
+        raise PipelineError(f"{named(flag, ref)}: {config} cannot be read ({e})") from None
     expected = model_cls.config_class.model_type
     architectures = saved.get("architectures") or []
     if saved.get("model_type") != expected or (architectures and model_cls.__name__ not in architectures):
         held = ", ".join(map(str, architectures)) or "a model"
-        raise PipelineError(f"{flag} {ref}: holds {held} of type {saved.get('model_type')!r}, "
+        raise PipelineError(f"{named(flag, ref)}: holds {held} of type {saved.get('model_type')!r}, "
                             f"not {model_cls.__name__} ({expected!r})")
     try:
         # Mismatched shapes are reported in `info` (and refused below, by name) rather than raised without them.
         model, info = model_cls.from_pretrained(folder, output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError, RuntimeError) as e:
         reason = " ".join(str(e).split())[:300]
-        raise PipelineError(f"{flag} {ref}: could not load {model_cls.__name__} ({reason})") from None
+        raise PipelineError(f"{named(flag, ref)}: could not load {model_cls.__name__} ({reason})") from None
     bad = [k for k in [*info["missing_keys"], *info["unexpected_keys"]] if not k.endswith("position_ids")]
     bad += [k[0] if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys", [])]
     if bad:  # random weights in place of missing ones would give silently wrong features
-        raise PipelineError(f"{flag} {ref}: weights do not match {model_cls.__name__} "
+        raise PipelineError(f"{named(flag, ref)}: weights do not match {model_cls.__name__} "
                             f"({len(bad)} missing, unexpected or mismatched keys, e.g. {bad[:3]})")
     return model
