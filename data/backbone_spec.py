@@ -14,20 +14,19 @@ The weights' name is a local path's last component without its suffix, or else t
 So ``open_clip:ViT-L-16-SigLIP2-384@webli`` is cached in ``open_clip.ViT-L-16-SigLIP2-384@webli`` and
 ``blip2@/models/blip2-coco/`` in ``blip2@blip2-coco``; plain names (``blip``, ``clip``) are unchanged.
 
-A reference is a local path (``looks_like_path``) when it is absolute or starts with ``./``, ``../`` or
-``~``, ends in a weights file's suffix, has two or more ``/`` (a Hugging Face id is ``org/name``, one),
-or names a file or folder that exists (relative to the current folder). So ``cache/demo-weights/x``,
-``./cache/demo-weights/x`` and ``/abs/cache/demo-weights/x`` all name the store ``...@x``, while
-``Salesforce/blip-itm-large-coco`` stays a Hugging Face id (``...@Salesforce.blip-itm-large-coco``)
-unless a folder of that relative path exists, which is then what the weights are read from.
+A reference is named as a local path (``looks_like_path``) when it is absolute or starts with ``./``,
+``../`` or ``~``, ends in a weights file's suffix, or has two or more ``/`` (a Hugging Face id is
+``org/name``, one). So ``cache/demo-weights/x``, ``./cache/demo-weights/x`` and ``/abs/cache/demo-weights/x``
+all name the store ``...@x``, while ``Salesforce/blip-itm-large-coco`` names ``...@Salesforce.blip-itm-large-coco``.
+The rule is syntax only, so a store's name never depends on the folder a command runs in or on what is on
+disk; where the weights are *read* from is decided when they are loaded (an ``org/name`` folder that exists
+there is read as a folder, and keeps the ``org.name`` store name; write ``./org/name`` to name it ``name``).
 
-Only syntax is checked here (no project package, no model library imported), plus whether a reference
-exists on disk: whether the family exists and takes a model or weights is the backbone registry's to
-say (extract/backbones).
+Only syntax is checked here (no project package, no model library imported): whether the family
+exists and takes a model or weights is the backbone registry's to say (extract/backbones).
 """
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from pathlib import PurePath
@@ -68,7 +67,7 @@ def looks_like_path(ref: str) -> bool:
     if ref.startswith("hf-hub:"):
         return False
     return (ref.startswith(("/", "./", "../", "~")) or PurePath(ref).suffix in WEIGHT_SUFFIXES
-            or ref.strip("/").count("/") > 1 or os.path.exists(ref))
+            or ref.strip("/").count("/") > 1)
 
 
 def parse_spec(text: str) -> BackboneSpec:

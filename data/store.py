@@ -136,13 +136,8 @@ class FeatureStore:
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
-    def claim(self, fingerprint: dict, shard_size: int | None = None) -> dict:
-        """Open for writing with this configuration; refuse a store made with another one.
-
-        ``shard_size`` is recorded, not compared: the caller keeps a store's own (extract.run.shard_size).
-        """
-        for stale in self.root.glob(".*.tmp"):  # left by a killed run; never a complete shard
-            stale.unlink()
+    def check(self, fingerprint: dict) -> None:
+        """Refuse a store made with another configuration (nothing is written)."""
         if self.exists():
             manifest = self.manifest()
             if manifest["fingerprint"] != fingerprint:
@@ -150,6 +145,21 @@ class FeatureStore:
                     f"the store at {self.root} was made with another configuration: "
                     f"{describe_difference(manifest['fingerprint'], fingerprint)}. "
                     f"Use another --cache or remove that folder.")
+
+    def claim(self, fingerprint: dict, shard_size: int | None = None) -> dict:
+        """Open for writing with this configuration; refuse a store made with another one.
+
+        ``shard_size`` is recorded, not compared: the caller keeps a store's own (extract.run.shard_size), or
+        sets a new one while the store has no shard yet.
+        """
+        for stale in self.root.glob(".*.tmp"):  # left by a killed run; never a complete shard
+            stale.unlink()
+        self.check(fingerprint)
+        if self.exists():
+            manifest = self.manifest()
+            if shard_size is not None and manifest.get("shard_size") != shard_size:
+                manifest = {**manifest, "shard_size": shard_size}
+                write_json(self.manifest_path, manifest)
             return manifest
         manifest = {"schema": SCHEMA_VERSION, "fingerprint": fingerprint, "complete": False, "shard_size": shard_size}
         write_json(self.manifest_path, manifest)

@@ -243,8 +243,9 @@ def score_external(cfg: ScoreConfig, index: SplitIndex) -> dict:
     shape = (len(index.images), len(index.captions))
     sims = [load_matrix(p, shape) for p in cfg.sims]
     names = [Path(p).stem for p in cfg.sims]
-    if len(set(names)) < len(names):  # files of the same name in different folders: name them by their paths
-        names = [str(Path(p).with_suffix("")) for p in cfg.sims]
+    for longer in (lambda p: str(Path(p).with_suffix("")), str):  # same names: the paths, then with suffixes
+        if len(set(names)) < len(names):
+            names = [longer(p) for p in cfg.sims]
     if len(set(names)) < len(names):
         raise PipelineError(f"--sims names the same file twice: {', '.join(cfg.sims)}")
     scorer = Scorer(SplitEmbeddings(index, []))

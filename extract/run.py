@@ -73,10 +73,11 @@ def shard_size(cfg: ExtractConfig, store: FeatureStore, n_images: int, n_texts: 
     """The shard size to cut with: a store keeps the one it was made with; another --shard-size is refused.
 
     Stores made before the manifest recorded it have it in their finished config, else it is read off their
-    shards (``start // number``, or the first shard's rows); a store with no shard yet takes any size.
+    shards (``start // number``, or a first shard's rows when it is not the last); a store with no shard yet
+    takes any size.
     """
     stored = None
-    if store.exists():
+    if store.exists() and any(store.root.glob("*-*.h5")):
         manifest = store.manifest()
         stored = manifest.get("shard_size") or manifest.get("config", {}).get("shard_size")
         if stored is None:
@@ -94,14 +95,21 @@ def shard_size(cfg: ExtractConfig, store: FeatureStore, n_images: int, n_texts: 
 def shards_cut_with(store: FeatureStore, size: int, n_images: int, n_texts: int) -> int | None:
     """None if every shard in the store is one that ``size`` cuts; else the size one of them was cut with."""
     jobs = {j.name: (j.start, j.stop) for j in plan(n_images, n_texts, size)}
-    for path in sorted(store.root.glob("*-*.h5")):
+    rows = {"images": n_images, "texts": n_texts}
+    for path in sorted(store.root.glob("*-*.h5"), key=lambda p: -int(p.stem.rsplit("-", 1)[1])):
         try:
             attrs = read_shard_attrs(path)
-            start, stop, number = int(attrs["start"]), int(attrs["stop"]), int(path.stem.rsplit("-", 1)[1])
+            kind, number = path.stem.rsplit("-", 1)
+            start, stop, number = int(attrs["start"]), int(attrs["stop"]), int(number)
         except (OSError, KeyError, ValueError):
             continue  # unreadable: redone whatever the size
-        if jobs.get(path.name) != (start, stop):
-            return start // number if number else stop - start
+        if jobs.get(path.name) == (start, stop):
+            continue
+        if number:
+            return start // number
+        if stop < rows.get(kind, stop + 1):  # a first shard that is not also the last one is a whole shard
+            return stop - start
+        # a kind held in one shard fits any size at least that large: nothing to learn from it
     return None
 
 
@@ -177,6 +185,8 @@ def run_extract(cfg: ExtractConfig, index: SplitIndex | None = None) -> dict:
     backbone = load(cfg.backbone, cfg.backbone_options(), pick_device(cfg.device))  # weights first: fails fast
     estimate = estimate_bytes(backbone, cfg, index)
     store = FeatureStore.at(cfg.cache, index.dataset, index.split, cfg.store)
+    fp = fingerprint(cfg, backbone, index.version)
+    store.check(fp)  # another configuration is the first thing to say about an existing store
     cfg = replace(cfg, shard_size=shard_size(cfg, store, len(index.images), len(index.captions)))
     jobs = plan(len(index.images), len(index.captions), cfg.shard_size)
     if cfg.dry_run:
@@ -184,7 +194,6 @@ def run_extract(cfg: ExtractConfig, index: SplitIndex | None = None) -> dict:
                 "rows": {"images": len(index.images) * (1 + cfg.views), "texts": len(index.captions)}}
 
     store_index(index, cfg.cache)
-    fp = fingerprint(cfg, backbone, index.version)
     manifest = store.claim(fp, cfg.shard_size)
     attrs = {**fp, **{k: v for k, v in backbone.describe().items() if k in VERSION_KEYS}}
     todo = [j for j in jobs if not shard_is_complete(store.root / j.name, {"index_version": index.version,

@@ -134,15 +134,13 @@ class FuseConfig:
 
     @classmethod
     def from_dict(cls, saved: dict) -> "FuseConfig":
-        """The config saved with a run (unknown keys, e.g. from an older version, are refused by name)."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(saved) - names)
-        if unknown:
-            raise ValueError(f"unknown fusion settings {unknown}")
+        """The config saved with a run; settings this version does not know are refused by name."""
         model = saved.get("model", {})
-        model_names = {f.name for f in fields(ModelConfig)}
-        if set(model) - model_names:
-            raise ValueError(f"unknown model settings {sorted(set(model) - model_names)}")
+        unknown = sorted(set(saved) - {f.name for f in fields(cls)}) + \
+            sorted(f"model.{k}" for k in set(model) - {f.name for f in fields(ModelConfig)})
+        if unknown:
+            raise PipelineError(f"the run's saved settings {unknown} are unknown to this version of the pipeline: "
+                                f"it was made by another version")
         return cls(**{**saved, "model": ModelConfig(**model)})
 
 

@@ -10,7 +10,7 @@ from data.errors import PipelineError
 from data.index import index_path
 from data.store import FeatureStore
 from fuse import checkpoint
-from fuse.config import FuseConfig, ModelConfig
+from fuse.config import FuseConfig
 from fuse.data import load_split_features, open_stores, place
 from fuse.encode import encode_split, eval_batch_size, write_fused
 from fuse.model import build_model, learned_scalars
@@ -36,7 +36,7 @@ def run_summary(run_dir: Path) -> dict:
     """What a score table records about a run: its config, backbones and best epoch."""
     saved = checkpoint.read_config(Path(run_dir))
     best = checkpoint.load(Path(run_dir) / "best.pt", f"run {Path(run_dir).name!r}")
-    learned = learned_scalars(best["model"], ModelConfig(**saved["config"]["model"]))
+    learned = learned_scalars(best["model"], FuseConfig.from_dict(saved["config"]).model)
     return {"name": Path(run_dir).name, "backbones": saved["backbones"], "config": saved["config"],
             "best_epoch": best["epoch"], "best_val_rsum": best["best_rsum"], "learned": learned}
 

@@ -38,10 +38,7 @@ def flag(name: str) -> str:
 
 def settle_config(cfg: FuseConfig, saved: dict, given: frozenset[str] | None, mode: str) -> FuseConfig:
     """The config to run with: ``cfg`` reconciled with a saved run's config (``mode`` "resume" or "init")."""
-    try:
-        old = flat(FuseConfig.from_dict(saved))
-    except (TypeError, ValueError) as e:
-        raise PipelineError(f"the saved run's settings cannot be read ({e}): it was made by another version") from None
+    old = flat(FuseConfig.from_dict(saved))
     new = flat(cfg)
     given = frozenset(new) if given is None else given
     if mode == "resume":

@@ -30,15 +30,19 @@ def test_store_names_are_derived_from_the_spec(spec, store):
     ("{tmp}/cache/demo-weights/blip-demo-897ac1c5", "blip-demo@blip-demo-897ac1c5"),  # absolute
     ("cache/demo-weights/blip-demo-897ac1c5/", "blip-demo@blip-demo-897ac1c5"),
     ("elsewhere/demo-weights/blip-demo-0", "blip-demo@blip-demo-0"),  # two '/': a path even where it is not
-    ("local/blip-demo-1", "blip-demo@blip-demo-1"),  # org/name form, but that folder exists here
+    ("local/blip-demo-1", "blip-demo@local.blip-demo-1"),  # org/name form: named as an HF id, folder or not
+    ("./local/blip-demo-1", "blip-demo@blip-demo-1"),
     ("Salesforce/blip-itm-large-coco", "blip-demo@Salesforce.blip-itm-large-coco"),  # an HF id
     ("hf-hub:timm/ViT-B-16-SigLIP2", "blip-demo@hf-hub.timm.ViT-B-16-SigLIP2"),
 ])
 def test_every_local_path_is_named_by_its_last_component(tmp_path, monkeypatch, weights, store):
-    monkeypatch.chdir(tmp_path)
+    """By syntax alone: the same spec names the same store from any folder, whatever exists there."""
     (tmp_path / "cache" / "demo-weights" / "blip-demo-897ac1c5").mkdir(parents=True)
     (tmp_path / "local" / "blip-demo-1").mkdir(parents=True)
-    assert store_name("blip-demo@" + weights.format(tmp=tmp_path)) == store
+    (tmp_path / "elsewhere").mkdir()
+    for folder in (tmp_path, tmp_path / "elsewhere"):
+        monkeypatch.chdir(folder)
+        assert store_name("blip-demo@" + weights.format(tmp=tmp_path)) == store
 
 
 def test_parse_round_trips_and_splits_lists():

@@ -167,6 +167,34 @@ def test_a_store_begun_before_shard_sizes_were_recorded(tiny_data, tmp_path):
     assert "(0 written now)" in out and store.manifest()["shard_size"] == 3
 
 
+def test_a_killed_legacy_store_with_its_first_shards_only(tiny_data, tmp_path):
+    """The images fit one shard (any size at least 8 cuts them so): the size is read off the captions' shard."""
+    extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny", "--shard-size", 10)
+    store = FeatureStore.at(tmp_path / "c", "toy", "test", "clip-tiny")
+    n_texts = len(store.load("texts", tokens=False))
+    legacy = {k: v for k, v in store.manifest().items() if k in ("schema", "fingerprint")}
+    store.manifest_path.write_text(json.dumps({**legacy, "complete": False}))
+    for path in store.root.glob("*.h5"):
+        if not path.stem.endswith("-00000"):
+            path.unlink()
+    out = extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny").output
+    assert f"in {1 + -(-n_texts // 10)} shards ({-(-n_texts // 10) - 1} written now)" in out, out
+    assert store.manifest()["shard_size"] == 10
+
+
+def test_a_store_without_shards_takes_a_new_size_and_configuration_is_said_first(tiny_data, tmp_path):
+    extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny", "--shard-size", 3)
+    store = FeatureStore.at(tmp_path / "c", "toy", "test", "clip-tiny")
+    out = extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny", "--shard-size", 5, "--token-pool", 2,
+                  expect=2).output
+    assert "another configuration" in out and "--shard-size" not in out.split("Error:")[1]
+    store.manifest_path.write_text(json.dumps({**store.manifest(), "complete": False}))
+    for path in store.root.glob("*.h5"):  # killed before its first shard was written
+        path.unlink()
+    extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny", "--shard-size", 5)
+    assert store.manifest()["shard_size"] == 5 and (store.root / "images-00001.h5").is_file()
+
+
 def test_a_folder_of_no_readable_image_is_refused_and_leaves_no_empty_store(tiny_data, tmp_path):
     (tmp_path / "empty").mkdir()
     ann = tiny_data / "toy" / "dataset_toy.json"

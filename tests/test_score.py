@@ -101,6 +101,11 @@ def test_external_similarity_matrices(fused_run, tmp_path):
             tmp_path / "other" / "a.npy", "--json", tmp_path / "s2.json")
     methods = [r["method"] for r in json.loads((tmp_path / "s2.json").read_text())["rows"]]
     assert methods == [str(tmp_path / "a"), str(tmp_path / "other" / "a"), "late-fusion"]
+    torch.save(torch.from_numpy(sims), tmp_path / "a.pt")
+    run_cli("score", "--dataset", "demo", "--cache", cache, "--sims", tmp_path / "a.npy", "--sims",
+            tmp_path / "a.pt", "--json", tmp_path / "s3.json")
+    methods = [r["method"] for r in json.loads((tmp_path / "s3.json").read_text())["rows"]]
+    assert methods == [str(tmp_path / "a.npy"), str(tmp_path / "a.pt"), "late-fusion"]
 
 
 def test_scoring_against_another_split_index_is_refused(fused_run, tmp_path):
@@ -132,3 +137,17 @@ def test_images_excluded_at_extraction_count_as_misses():
     # Image 2 is absent: it misses every i2t K, and its 3 captions miss every t2i K.
     assert partial["i2t_r10"] <= 80.0 and partial["t2i_r10"] <= 100 * 6 / 9
     assert partial["t2i_r1"] < full["t2i_r1"]
+
+
+def test_a_run_saved_by_another_version_is_refused_in_one_line(fused_run, tmp_path):
+    import shutil
+
+    cache, runs = fused_run
+    shutil.copytree(runs / "r", tmp_path / "runs" / "r")
+    path = tmp_path / "runs" / "r" / "config.json"
+    obj = json.loads(path.read_text())
+    obj["config"]["model"]["nosuch"] = 1
+    path.write_text(json.dumps(obj))
+    out = run_cli("score", "--dataset", "demo", "--cache", cache, "--runs", tmp_path / "runs", "--run", "r",
+                  expect=2).output
+    assert out.count("\n") == 1 and "['model.nosuch'] are unknown to this version" in out, out
