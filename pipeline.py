@@ -249,25 +249,21 @@ def demo(ctx, data_root: str, cache: str, runs: str, epochs: int, workers: int, 
         checkpoints[name] = str(run_stage(demo_weights, name, data_root, weights_folder(cache, name, data_root)))
     for backbone in names:
         click.echo(f"[{next(step)}/{steps}] extract {backbone}: train, val and test")
-        ctx.invoke(extract, **{**_defaults(ExtractConfig), "backbone": backbone, "dataset": "demo",
+        ctx.invoke(extract, **{**option_defaults(ExtractConfig), "backbone": backbone, "dataset": "demo",
                                "data_root": data_root, "cache": cache, "workers": workers, "batch_size": 128,
                                "checkpoint": checkpoints.get(backbone)})
     run = "demo" if ",".join(names) == DEMO_BACKBONES else f"demo-{'+'.join(names)}"
     click.echo(f"[{next(step)}/{steps}] fuse {' + '.join(names)}, then score the test split")
-    ctx.invoke(fuse, **{**_defaults(FuseConfig), "dataset": "demo", "backbones": ",".join(names),
+    ctx.invoke(fuse, **{**option_defaults(FuseConfig), "dataset": "demo", "backbones": ",".join(names),
                         "cache": cache, "runs": runs, "run": run, "epochs": epochs, **DEMO_FUSE,
                         "resume": (Path(runs) / run / "last.pt").is_file()})
-    ctx.invoke(score, **{**_defaults(ScoreConfig), "dataset": "demo", "cache": cache, "runs": runs, "run": run,
+    ctx.invoke(score, **{**option_defaults(ScoreConfig), "dataset": "demo", "cache": cache, "runs": runs, "run": run,
                          "json": f"{runs}/{run}/scores.json", "plot": f"{runs}/{run}/recall.png"})
     what = (f"trained on the train split, each on one view of the scenes ({', '.join(trained)})" if trained
             else "random-initialised, so alone they rank near chance")
     click.echo(f"demo finished in {time.perf_counter() - t0:.0f} s. Results: {runs}/{run}/scores.json (+ .md), "
                f"{runs}/{run}/recall.png, training curves {runs}/{run}/curves.png. The backbones were {what}; "
                f"the hada row is what the fusion learned from their features on the train split.")
-
-
-def _defaults(config_cls) -> dict:
-    return option_defaults(config_cls)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,8 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 
 import torch  # noqa: E402
 
+from bench.memory import reset_peak_rss, rss_gib  # noqa: E402
+
 WIDTH, HEADS, CHANNELS, TARGETS = 512, 4, 512, 2
 CASES = {  # name: (batch, kind)
     "image40": (40, "image"), "image128": (128, "image"),
@@ -87,22 +89,6 @@ def keep_heap() -> None:
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-4, 0)
     libc.mallopt(-1, 2 ** 31 - 1)
-
-
-def rss_gib(field: str = "VmRSS") -> float:
-    """This process's resident memory (VmRSS) or its peak since the last reset (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 2 ** 20
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def reset_peak_rss() -> None:
-    """VmHWM := VmRSS (Linux >= 4.0). getrusage's ru_maxrss cannot be reset, and a child
-    process inherits its parent's."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 class Runner:

@@ -38,9 +38,9 @@ ROOT, HERE = Path(__file__).resolve().parents[1], Path(__file__).resolve().paren
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from bench.extract import full_blip, full_clip, machine, sync, write_json  # noqa: E402
+from bench.memory import reset_peak_rss, rss_gib  # noqa: E402
 from data.device import autocast, pick_device  # noqa: E402
 from data.options import from_options  # noqa: E402
 from fuse.batch import PackedFeatures, gather_batch  # noqa: E402
@@ -50,22 +50,6 @@ from fuse.model import build_model  # noqa: E402
 from fuse.train import Batch, Trainer  # noqa: E402
 
 SHAPES = {"flickr30k": (29_000, 145_000), "coco": (113_287, 566_747)}  # train images, captions
-
-
-def rss_gib(field: str) -> float:
-    """This process's resident memory (VmRSS) or its peak since the last reset (VmHWM), GiB."""
-    with open("/proc/self/status") as f:
-        kb = next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-    return kb / 2 ** 20
-
-
-def reset_peak_rss() -> None:
-    """VmHWM := VmRSS (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def random_rows(n: int, width: int, gen: torch.Generator, block: int = 1 << 16) -> torch.Tensor:
@@ -113,10 +97,7 @@ def floor_pass(encoder, blocks, grad: bool) -> torch.Tensor:
         glob = torch.stack(starts, dim=1).reshape(-1)
         x_l = encoder.conv.lin_l(nodes)
         h = encoder.conv.lin_r(nodes[glob]) + x_l[glob]  # every row of x_l is computed (and differentiated)
-        n, w = blocks[0].batch_size, encoder.cfg.width
-        g = encoder.merge(h).reshape(n, encoder.num_backbones * w)
-        z = torch.cat([g[:, :w], *[b.embeds.to(g.dtype) for b in blocks], g[:, w:]], dim=1)
-        return F.normalize(encoder.out(z).float(), dim=-1)
+        return encoder.readout(h, blocks)
 
 
 def time_steps(trainer: Trainer, features: SplitFeatures, plan: list[Batch], warmup: int, floor: bool) -> float:

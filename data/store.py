@@ -136,15 +136,18 @@ class FeatureStore:
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
-    def check(self, fingerprint: dict) -> None:
-        """Refuse a store made with another configuration (nothing is written)."""
-        if self.exists():
-            manifest = self.manifest()
-            if manifest["fingerprint"] != fingerprint:
-                raise PipelineError(
-                    f"the store at {self.root} was made with another configuration: "
-                    f"{describe_difference(manifest['fingerprint'], fingerprint)}. "
-                    f"Use another --cache or remove that folder.")
+    def check(self, fingerprint: dict) -> dict | None:
+        """The store's manifest (None if there is no store yet); a store made with another configuration is
+        refused (nothing is written)."""
+        if not self.exists():
+            return None
+        manifest = self.manifest()
+        if manifest["fingerprint"] != fingerprint:
+            raise PipelineError(
+                f"the store at {self.root} was made with another configuration: "
+                f"{describe_difference(manifest['fingerprint'], fingerprint)}. "
+                f"Use another --cache or remove that folder.")
+        return manifest
 
     def claim(self, fingerprint: dict, shard_size: int | None = None) -> dict:
         """Open for writing with this configuration; refuse a store made with another one.
@@ -154,9 +157,8 @@ class FeatureStore:
         """
         for stale in self.root.glob(".*.tmp"):  # left by a killed run; never a complete shard
             stale.unlink()
-        self.check(fingerprint)
-        if self.exists():
-            manifest = self.manifest()
+        manifest = self.check(fingerprint)
+        if manifest is not None:
             if shard_size is not None and manifest.get("shard_size") != shard_size:
                 manifest = {**manifest, "shard_size": shard_size}
                 write_json(self.manifest_path, manifest)

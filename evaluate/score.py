@@ -35,10 +35,7 @@ class Embeddings:
 
     def similarities(self, ids: np.ndarray | None = None) -> torch.Tensor:
         """images x captions scores as the backbone ranks: cosine, or the best query's cosine where stored."""
-        if ids is None:
-            rows = torch.arange(len(self.image_ids))
-        else:
-            rows = torch.from_numpy(np.searchsorted(self.image_ids, ids))
+        rows = slice(None) if ids is None else torch.from_numpy(np.searchsorted(self.image_ids, ids))
         if self.queries is None:
             return self.images[rows] @ self.texts.T
         queries = self.queries[rows]

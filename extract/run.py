@@ -69,16 +69,15 @@ def check_image_root(spec, cfg: ExtractConfig) -> None:
                             f"--data-root {cfg.data_root})")
 
 
-def shard_size(cfg: ExtractConfig, store: FeatureStore, n_images: int, n_texts: int) -> int:
+def shard_size(cfg: ExtractConfig, store: FeatureStore, manifest: dict | None, n_images: int, n_texts: int) -> int:
     """The shard size to cut with: a store keeps the one it was made with; another --shard-size is refused.
 
     Stores made before the manifest recorded it have it in their finished config, else it is read off their
     shards (``start // number``, or a first shard's rows when it is not the last); a store with no shard yet
-    takes any size.
+    takes any size. ``manifest``: the store's (None when there is no store yet).
     """
     stored = None
-    if store.exists() and any(store.root.glob("*-*.h5")):
-        manifest = store.manifest()
+    if manifest is not None and any(store.root.glob("*-*.h5")):
         stored = manifest.get("shard_size") or manifest.get("config", {}).get("shard_size")
         if stored is None:
             stored = shards_cut_with(store, cfg.shard_size or DEFAULT_SHARD_SIZE, n_images, n_texts)
@@ -186,8 +185,8 @@ def run_extract(cfg: ExtractConfig, index: SplitIndex | None = None) -> dict:
     estimate = estimate_bytes(backbone, cfg, index)
     store = FeatureStore.at(cfg.cache, index.dataset, index.split, cfg.store)
     fp = fingerprint(cfg, backbone, index.version)
-    store.check(fp)  # another configuration is the first thing to say about an existing store
-    cfg = replace(cfg, shard_size=shard_size(cfg, store, len(index.images), len(index.captions)))
+    manifest = store.check(fp)  # another configuration is the first thing to say about an existing store
+    cfg = replace(cfg, shard_size=shard_size(cfg, store, manifest, len(index.images), len(index.captions)))
     jobs = plan(len(index.images), len(index.captions), cfg.shard_size)
     if cfg.dry_run:
         return {"dry_run": True, "store": str(store.root), "shards": len(jobs), "estimate": estimate,

@@ -126,8 +126,13 @@ class GraphEncoder(nn.Module):
         """(batch, embed_dim) float32, unit rows."""
         if len(blocks) != self.num_backbones:
             raise ValueError(f"expected {self.num_backbones} NodeBlocks, got {len(blocks)}")
+        return self.readout(self.attend(self.node_features(blocks), blocks), blocks)
+
+    def readout(self, h: Tensor, blocks: Sequence[NodeBlock]) -> Tensor:
+        """The graph layer's global-node outputs ``h`` merged, read out as [g1, e1, ..., eB, g2, ..., gB], mapped
+        to the fused embedding: (batch, embed_dim) float32, unit rows."""
         n, w = blocks[0].batch_size, self.cfg.width
-        g = self.merge(self.attend(self.node_features(blocks), blocks)).reshape(n, self.num_backbones * w)
+        g = self.merge(h).reshape(n, self.num_backbones * w)
         embeds = [b.embeds.to(g.dtype) for b in blocks]
         z = torch.cat([g[:, :w], *embeds, g[:, w:]], dim=1)
         return F.normalize(self.out(z).float(), dim=-1)

@@ -225,14 +225,19 @@ def test_argument_checks():
         attention.set_default_impl("fast")
 
 
-def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch):
-    def broken_compile(fn, **kw):
+def compile_failing_with(monkeypatch, message: str) -> None:
+    """torch.compile whose compiled function raises RuntimeError(message); a fresh compile cache."""
+    def failing_compile(fn, **kw):
         def run(*args):
-            raise RuntimeError("no compiler here")
+            raise RuntimeError(message)
         return run
 
     monkeypatch.setattr(attention, "_compiled", attention._Compiled())
-    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(torch, "compile", failing_compile)
+
+
+def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch):
+    compile_failing_with(monkeypatch, "no compiler here")
     case = make_case(3, 7, 2, 2, seed=9)
     ref = outputs_and_grads(eager, *case)
     with pytest.warns(RuntimeWarning, match="no compiler here"):
@@ -248,13 +253,7 @@ def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch):
 
 
 def test_auto_does_not_fall_back_on_out_of_memory(monkeypatch):
-    def compile_oom(fn, **kw):
-        def run(*args):
-            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
-        return run
-
-    monkeypatch.setattr(attention, "_compiled", attention._Compiled())
-    monkeypatch.setattr(torch, "compile", compile_oom)
+    compile_failing_with(monkeypatch, "DefaultCPUAllocator: can't allocate memory: you tried to allocate")
     with pytest.raises(RuntimeError, match="allocate memory"):
         star_gatv2(*make_case(2, 5, 2, 1), impl="auto")
     assert attention._compiled.error is None

@@ -25,15 +25,17 @@ class Family:
     model: bool = False  # the spec names a model: family:model (required)
     weights: bool = False  # the spec may name weights: family@weights (tiny random-init families may not)
     needs_weights: bool = False  # and must have them, there or from --checkpoint (no default weights)
+    model_option: bool = False  # --model picks the architecture inside the family's one store (clip)
 
 
 _REGISTRY: dict[str, Family] = {}
 
 
-def register(name: str, summary: str, model: bool = False, weights: bool = False, needs_weights: bool = False):
+def register(name: str, summary: str, model: bool = False, weights: bool = False, needs_weights: bool = False,
+             model_option: bool = False):
     """Decorator: make a factory available under the family ``name``."""
     def wrap(factory):
-        _REGISTRY[name] = Family(factory, summary, model, weights, needs_weights)
+        _REGISTRY[name] = Family(factory, summary, model, weights, needs_weights, model_option)
         return factory
     return wrap
 
@@ -69,7 +71,7 @@ def check(spec: str, model_option: str | None = None):
         raise PipelineError(f"--backbone {spec}: {parsed.family} takes no model name after ':'")
     if parsed.weights and not family.weights:
         raise PipelineError(f"--backbone {spec}: {parsed.family} is random-initialised and takes no weights after '@'")
-    if model_option and parsed.family != "clip":
+    if model_option and not family.model_option:
         raise PipelineError(f"--model applies to the clip backbone only; for another open_clip model write "
                             f"--backbone open_clip:{model_option}")
     return parsed, family

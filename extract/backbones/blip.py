@@ -27,6 +27,12 @@ class PixelTransform:
         return self.processor(images=image, return_tensors="pt")["pixel_values"][0]
 
 
+def processor_train_view(processor, image_size: int, magnitude: float | None) -> TrainView:
+    """A training view finished by a BLIP-family processor's normalisation (its mean and std, no resize)."""
+    return TrainView(image_size, magnitude, T.Compose([T.ToTensor(), T.Normalize(processor.image_mean,
+                                                                                   processor.image_std)]))
+
+
 class Blip(Backbone):
     def __init__(self, name: str, model: BlipForImageTextRetrieval, tokenizer, processor, checkpoint: str):
         self.name, self.module, self.tokenizer, self.processor = name, model.eval(), tokenizer, processor
@@ -45,8 +51,7 @@ class Blip(Backbone):
 
     def train_transform(self):
         # HADA-LAVIS's BLIP training augmentation (LAVIS blip_image_train): magnitude 5.
-        return TrainView(self.image_size, 5, T.Compose([
-            T.ToTensor(), T.Normalize(self.processor.image_mean, self.processor.image_std)]))
+        return processor_train_view(self.processor, self.image_size, 5)
 
     def tokenize(self, captions: list[str]) -> Tokenized:
         return bert_tokenize(self.tokenizer, captions, self.max_length)
@@ -128,8 +133,12 @@ def tiny_blip(seed: int = 0) -> tuple[BlipForImageTextRetrieval, BertTokenizer, 
 
 @register("blip-tiny", "tiny random-initialised BLIP (same classes) for tests and the demo; no weights")
 def blip_tiny(options: BackboneOptions) -> Blip:
-    model, tokenizer, processor = tiny_blip()
-    return Blip("blip-tiny", model, tokenizer, processor, "random-init(seed=0)")
+    return random_tiny_blip("blip-tiny")
+
+
+def random_tiny_blip(name: str) -> Blip:
+    """The tiny BLIP, random-initialised (seed 0), as the backbone ``name``."""
+    return Blip(name, *tiny_blip(), "random-init(seed=0)")
 
 
 @register("blip-demo", "the demo's BLIP: the blip-tiny architecture with weights `pipeline demo` trains (colours "

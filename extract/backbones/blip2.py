@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import torch
 import transformers
-from torchvision import transforms as T
 from transformers import BertTokenizer, Blip2Config, Blip2ForImageTextRetrieval
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from data.errors import PipelineError
-from extract.augment import TrainView
 from extract.backbones import register
 from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized, named, weights_flag
-from extract.backbones.blip import PixelTransform, load_preprocessing, tiny_vocabulary
+from extract.backbones.blip import PixelTransform, load_preprocessing, processor_train_view, tiny_vocabulary
 from extract.backbones.text import bert_tokenize
 from extract.backbones.weights import hf_snapshot, load_hf_model
 
@@ -56,8 +54,7 @@ class Blip2(Backbone):
 
     def train_transform(self):
         # LAVIS's BLIP-2 training augmentation: crop and flip, no RandomAugment.
-        return TrainView(self.image_size, None, T.Compose([
-            T.ToTensor(), T.Normalize(self.processor.image_mean, self.processor.image_std)]))
+        return processor_train_view(self.processor, self.image_size, None)
 
     def tokenize(self, captions: list[str]) -> Tokenized:
         return bert_tokenize(self.tokenizer, captions, self.max_length)

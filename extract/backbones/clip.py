@@ -79,7 +79,8 @@ class Clip(Backbone):
 
 
 @register("clip", "open_clip CLIP, default ViT-L/14 at 336 px with the OpenAI weights (QuickGELU); --model for "
-                  "another architecture in the same `clip` store (prefer open_clip:<model>)", weights=True)
+                  "another architecture in the same `clip` store (prefer open_clip:<model>)", weights=True,
+          model_option=True)
 def clip(options: BackboneOptions) -> Clip:
     model_name = options.model or DEFAULT_MODEL
     source.model_config(model_name, "--model")
@@ -127,9 +128,15 @@ def tiny_clip_preprocessing() -> tuple:
     return preprocess, open_clip.get_tokenizer(TINY_MODEL)
 
 
+def random_tiny_clip(name: str, tokens: bool = False) -> Clip:
+    """The tiny architecture, random-initialised (seed 0), as the backbone ``name``."""
+    embed_dim = open_clip.get_model_config(TINY_MODEL)["embed_dim"]
+    return Clip(name, tiny_clip(), *tiny_clip_preprocessing(), "tiny", "random-init(seed=0)", tokens, embed_dim)
+
+
 @register("clip-tiny", "tiny random-initialised open_clip CLIP (same class) for tests and the demo; no weights")
 def clip_tiny(options: BackboneOptions) -> Clip:
-    return Clip("clip-tiny", tiny_clip(), *tiny_clip_preprocessing(), "tiny", "random-init(seed=0)", options.tokens, 24)
+    return random_tiny_clip("clip-tiny", options.tokens)
 
 
 @register("clip-demo", f"the demo's CLIP: the {TINY_MODEL} architecture with weights `pipeline demo` trains "

@@ -47,12 +47,17 @@ class Recipe:
 RECIPES = {"blip-demo": Recipe("colours"), "clip-demo": Recipe("shapes")}
 
 
+def identity(recipe: Recipe, data_root: str | Path) -> dict:
+    """What trained weights depend on: the recipe and the generated data's parameters."""
+    data = read_json(demo_dir(data_root) / "dataset_demo.json")["demo_params"]
+    return {"recipe": asdict(recipe), "demo_params": data}
+
+
 def demo_weights(name: str, data_root: str | Path, folder: str | Path, steps: int | None = None) -> Path:
     """Train ``name`` on the demo's train split into ``folder`` (reused when made by the same recipe and data)."""
     recipe = replace(RECIPES[name], **({"steps": steps} if steps else {}))
     folder = Path(folder)
-    data = read_json(demo_dir(data_root) / "dataset_demo.json")["demo_params"]
-    stamp = {"backbone": name, "recipe": asdict(recipe), "demo_params": data}
+    stamp = {"backbone": name, **identity(recipe, data_root)}
     record = folder / TRAINING_RECORD
     if record.is_file() and {k: read_json(record).get(k) for k in stamp} == stamp:
         return folder
@@ -76,12 +81,12 @@ def demo_weights(name: str, data_root: str | Path, folder: str | Path, steps: in
 def fresh_backbone(name: str):
     """The random-initialised tiny backbone a demo backbone starts from."""
     if name == "blip-demo":
-        from extract.backbones.blip import Blip, tiny_blip
+        from extract.backbones.blip import random_tiny_blip
 
-        return Blip(name, *tiny_blip(), "random-init(seed=0)")
-    from extract.backbones.clip import Clip, tiny_clip, tiny_clip_preprocessing
+        return random_tiny_blip(name)
+    from extract.backbones.clip import random_tiny_clip
 
-    return Clip(name, tiny_clip(), *tiny_clip_preprocessing(), "tiny", "random-init(seed=0)", False, 24)
+    return random_tiny_clip(name)
 
 
 def train(backbone, recipe: Recipe, data_root: str | Path) -> list[float]:
@@ -142,6 +147,5 @@ def weights_folder(cache: str | Path, name: str, data_root: str | Path) -> Path:
     gets a new folder (and stores extracted with the old weights are refused, not silently reused)."""
     import hashlib
 
-    data = read_json(demo_dir(data_root) / "dataset_demo.json")["demo_params"]
-    key = json.dumps({"recipe": asdict(RECIPES[name]), "demo_params": data}, sort_keys=True)
+    key = json.dumps(identity(RECIPES[name], data_root), sort_keys=True)
     return Path(cache) / "demo-weights" / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"

@@ -8,7 +8,7 @@ from data.backbone_spec import looks_like_path
 from data.errors import PipelineError
 from extract.backbones.base import missing_weights, named
 
-__all__ = ["hf_cached_file", "hf_snapshot", "load_hf_model", "looks_like_path"]
+__all__ = ["hf_cached_file", "hf_snapshot", "load_hf_model"]
 
 
 def hf_snapshot(repo_id: str, flag: str, download: bool, allow_patterns: list[str] | None = None) -> str:
