@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from data.errors import PipelineError
-from data.options import from_options, option_defaults, option_fields
+from data.options import flag, from_options, option_defaults, option_fields
 from evaluate.config import ScoreConfig
 from extract.config import ExtractConfig
 from fuse.config import FuseConfig
@@ -22,21 +22,21 @@ def config_options(config_cls):
 
     def decorate(fn):
         for f, hint in reversed(option_fields(config_cls)):
-            meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+            meta, name = f.metadata, flag(f.name)
             optional = isinstance(hint, types.UnionType)
             base = [a for a in typing.get_args(hint) if a is not type(None)][0] if optional else hint
             kwargs = dict(help=meta.get("help"), show_default=f.default is not None and not meta.get("required"))
             if base is bool:
-                fn = click.option(f"{flag}/--no-{f.name.replace('_', '-')}", f.name, default=f.default, **kwargs)(fn)
+                fn = click.option(f"{name}/--no-{name[2:]}", f.name, default=f.default, **kwargs)(fn)
                 continue
             if meta.get("multiple"):
-                fn = click.option(flag, f.name, multiple=True, help=meta.get("help"))(fn)
+                fn = click.option(name, f.name, multiple=True, help=meta.get("help"))(fn)
                 continue
             ptype = click.Choice(meta["choices"]) if "choices" in meta else \
                 click.IntRange(min=meta.get("min"), max=meta.get("max")) if "min" in meta or "max" in meta else base
             # click 8.2+ treats an explicit default (even None) as a value: a required option must have none.
             default = {} if meta.get("required") else {"default": f.default}
-            fn = click.option(flag, f.name, type=ptype, required=meta.get("required", False), **default, **kwargs)(fn)
+            fn = click.option(name, f.name, type=ptype, required=meta.get("required", False), **default, **kwargs)(fn)
         return fn
     return decorate
 

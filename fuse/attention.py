@@ -414,8 +414,3 @@ def star_gatv2(conv, x_src: Tensor, src_mask: Tensor, x_dst: Tensor, edge_attr: 
     if conv.bias is not None:
         out = out + conv.bias
     return out
-
-
-# --------------------------------------------------------------------------------------
-# HADA's batches in star layout.
-# --------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from data.backbone_spec import parse_specs
 from data.errors import PipelineError
-from data.options import opt
+from data.options import flag, opt
 
 # --attention: how the one graph layer is computed (the same numbers to float tolerance). The dense kinds run
 # fuse.attention.star_gatv2 with this implementation of its fused passes (None: its default, torch.compile'd
@@ -109,7 +109,7 @@ class FuseConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "t0", "t_mult", "patience"):
             if getattr(self, name) < 1:
-                raise PipelineError(f"--{name.replace('_', '-')} {getattr(self, name)}: need >= 1")
+                raise PipelineError(f"{flag(name)} {getattr(self, name)}: need >= 1")
         if not 0 <= self.seed < 2**31:
             raise PipelineError(f"--seed {self.seed}: need 0 <= seed < 2**31")
         if not self.lr > 0 or self.eta_min < 0 or self.weight_decay < 0 or self.min_improvement < 0:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.backbone_spec import parse_specs
 from data.errors import PipelineError
 from data.torch_files import load_pt
 from fuse import checkpoint
@@ -98,7 +99,7 @@ def infer_dims(weights: dict) -> dict:
 def import_hada(path: str, dataset: str, backbones: str, run: str, cache: str = "cache", runs: str = "runs",
                 weighted: bool | None = None, reference_bug: bool = True) -> Path:
     """Write ``<runs>/<run>/`` (config.json, best.pt) from a HADA-LAVIS checkpoint; nothing is written on error."""
-    names = [b.strip() for b in backbones.split(",") if b.strip()]
+    names = [spec.store_name for spec in parse_specs(backbones)]  # as `pipeline fuse` names them
     if len(names) != 2:
         raise PipelineError(f"--backbones {backbones!r}: a HADA-LAVIS checkpoint fuses exactly two backbones")
     run_dir = Path(runs) / run
@@ -138,8 +139,7 @@ def import_hada(path: str, dataset: str, backbones: str, run: str, cache: str = 
         model = build_model(stored, cfg)
     except ValueError as e:
         raise PipelineError(str(e)) from None
-    model.load_state_dict({**model.state_dict(), **weights})
-    model.copy_to_momentum()
+    model.load_partial(weights, momentum=True)
     epoch = int(state.get("epoch", 0))
     saved = {"model": model.state_dict(), "backbones": names, "dims": stored, "index_versions": versions,
              "config": cfg.to_dict(), "epoch": epoch, "history": [], "best_rsum": None, "best_epoch": epoch,

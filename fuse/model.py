@@ -101,32 +101,40 @@ class GraphEncoder(nn.Module):
             tokens[1] = tokens[0][:rows]
         return [proj(t) for proj, t in zip(self.proj, tokens)]
 
-    def attend(self, x: list[Tensor], blocks: Sequence[NodeBlock]) -> Tensor:
+    def graph(self, blocks: Sequence[NodeBlock]):
+        """The batch's graph in the layout ``attend`` takes: the edge list (``fuse.graph.bipartite_graph``) for
+        ``attention="pyg"``, else the dense per-sample layout (``fuse.graph.dense_graph``). It depends only on
+        the blocks' row counts and the config, so encoders of one config can share it."""
+        counts, rows = [b.counts for b in blocks], [b.tokens.size(0) for b in blocks]
+        if self.attention == "pyg":
+            return bipartite_graph(counts, self.cfg.edge_weights, rows)
+        slots = int(torch.stack([b.counts_on_host() for b in blocks]).sum(0).max())
+        return dense_graph(counts, self.cfg.edge_weights, rows, slots)
+
+    def attend(self, x: list[Tensor], blocks: Sequence[NodeBlock], graph=None) -> Tensor:
         """(N * B, heads * width): the graph layer's output at every sample's global nodes (sample-major).
 
-        ``attention="pyg"`` runs ``GATv2Conv.forward`` on the edge list (``fuse.graph.bipartite_graph``); the
-        dense kinds compute the same from the same parameters per sample (``fuse.attention.star_gatv2``),
-        without per-edge width-sized tensors.
+        ``attention="pyg"`` runs ``GATv2Conv.forward`` on the edge list; the dense kinds compute the same from
+        the same parameters per sample (``fuse.attention.star_gatv2``), without per-edge width-sized tensors.
+        ``graph``: ``self.graph(blocks)``, built here if not given.
         """
-        counts, rows = [b.counts for b in blocks], [t.size(0) for t in x]
+        graph = self.graph(blocks) if graph is None else graph
         nodes = torch.cat(x)
         if self.attention == "pyg":
-            edge_index, edge_attr, global_index = bipartite_graph(counts, self.cfg.edge_weights, rows)
+            edge_index, edge_attr, global_index = graph
             return self.conv((nodes, nodes[global_index.reshape(-1)]), edge_index, edge_attr.to(nodes.dtype))
-        n = blocks[0].batch_size
-        slots = int(torch.stack([b.counts_on_host() for b in blocks]).sum(0).max())
-        graph = dense_graph(counts, self.cfg.edge_weights, rows, slots)
+        n, slots = blocks[0].batch_size, graph.mask.size(1)
         x_src = nodes.new_zeros(n * slots, nodes.size(1)).index_copy(0, torch.cat(graph.slots), nodes)
         x_src = x_src.view(n, slots, -1)
         x_dst = x_src[torch.arange(n, device=nodes.device).unsqueeze(1), graph.global_slot]
         out = star_gatv2(self.conv, x_src, graph.mask, x_dst, graph.edge_attr, impl=ATTENTION[self.attention])
         return out.reshape(n * self.num_backbones, -1)
 
-    def forward(self, blocks: Sequence[NodeBlock]) -> Tensor:
-        """(batch, embed_dim) float32, unit rows."""
+    def forward(self, blocks: Sequence[NodeBlock], graph=None) -> Tensor:
+        """(batch, embed_dim) float32, unit rows; ``graph`` as ``attend`` takes it."""
         if len(blocks) != self.num_backbones:
             raise ValueError(f"expected {self.num_backbones} NodeBlocks, got {len(blocks)}")
-        return self.readout(self.attend(self.node_features(blocks), blocks), blocks)
+        return self.readout(self.attend(self.node_features(blocks), blocks, graph), blocks)
 
     def readout(self, h: Tensor, blocks: Sequence[NodeBlock]) -> Tensor:
         """The graph layer's global-node outputs ``h`` merged, read out as [g1, e1, ..., eB, g2, ..., gB], mapped
@@ -211,6 +219,13 @@ class HadaModel(nn.Module):
         online, momentum = self._pairs()
         torch._foreach_copy_(momentum, online)
 
+    def load_partial(self, weights: dict[str, Tensor], momentum: bool) -> None:
+        """Load some of the state (the rest kept); ``momentum``: then copy the online encoders to the momentum
+        ones."""
+        self.load_state_dict({**self.state_dict(), **weights})
+        if momentum:
+            self.copy_to_momentum()
+
     @torch.no_grad()
     def momentum_update(self) -> None:
         """EMA: p_m <- momentum * p_m + (1 - momentum) * p."""
@@ -244,12 +259,14 @@ class HadaModel(nn.Module):
             if self.training:
                 self.momentum_update()  # the online parameters are unchanged by the forward: order is free
 
-        img = self.image_encoder(image_blocks)
-        txt = self.text_encoder(text_blocks)
+        # One graph per side, shared by the online and the momentum encoder (the same config and row counts).
+        image_graph, text_graph = self.image_encoder.graph(image_blocks), self.text_encoder.graph(text_blocks)
+        img = self.image_encoder(image_blocks, image_graph)
+        txt = self.text_encoder(text_blocks, text_graph)
         img0, txt0 = first_backbone_embeds(image_blocks), first_backbone_embeds(text_blocks)
         with torch.no_grad():
-            img_m = self.image_encoder_m(image_blocks)
-            txt_m = self.text_encoder_m(text_blocks)
+            img_m = self.image_encoder_m(image_blocks, image_graph)
+            txt_m = self.text_encoder_m(text_blocks, text_graph)
             targets = id_targets(ids, torch.cat([ids, self.idx_queue]))
             same = ids.view(-1, 1) == ids.view(1, -1)
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import logging
 
+from data.backbone_spec import parse_specs
 from data.errors import PipelineError
-from data.options import from_options, option_fields
+from data.options import flag, from_options, option_fields
 from fuse.config import FuseConfig
 
 log = logging.getLogger("pipeline.fuse")
@@ -28,12 +29,9 @@ INIT_ADOPTED = frozenset({"dataset", "backbones", "width", "heads", "dropout", "
 
 def flat(cfg: FuseConfig) -> dict:
     """{option name: value} over every option, the model's included."""
-    values = {**cfg.to_dict(), **cfg.to_dict()["model"]}
+    values = cfg.to_dict()
+    values.update(values["model"])
     return {f.name: values[f.name] for f, _ in option_fields(FuseConfig)}
-
-
-def flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def settle_config(cfg: FuseConfig, saved: dict, given: frozenset[str] | None, mode: str) -> FuseConfig:
@@ -61,5 +59,4 @@ def settle_config(cfg: FuseConfig, saved: dict, given: frozenset[str] | None, mo
 
 
 def _same_backbones(a: str | None, b: str | None) -> bool:
-    split = lambda s: [x.strip() for x in (s or "").split(",") if x.strip()]  # noqa: E731
-    return split(a) == split(b)
+    return [str(s) for s in parse_specs(a)] == [str(s) for s in parse_specs(b)]

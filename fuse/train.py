@@ -118,10 +118,7 @@ class Trainer:
         new, and (as the reference) the momentum encoders left at this model's random initialisation unless
         ``momentum``."""
         parts = ("image_encoder.", "text_encoder.", "itm_head.")
-        weights = {k: v for k, v in state["model"].items() if k.startswith(parts)}
-        self.model.load_state_dict({**self.model.state_dict(), **weights})
-        if momentum:
-            self.model.copy_to_momentum()
+        self.model.load_partial({k: v for k, v in state["model"].items() if k.startswith(parts)}, momentum)
 
 
 def run_dir_for(cfg: FuseConfig) -> Path:
@@ -151,17 +148,16 @@ def train(cfg: FuseConfig, given: frozenset[str] | None = None) -> dict:
     ``given``: the options set on the command line (None: all); with ``--resume``/``--init`` the others take
     the saved run's values (see ``fuse.settings``).
     """
-    run_dir = run_dir_for(cfg) if not cfg.resume else Path(cfg.runs) / (cfg.run or "")
     resumed = init = None
     if cfg.resume:
         if not cfg.run:
             raise PipelineError("--resume needs --run NAME (the run to continue)")
-        resumed = checkpoint.load(run_dir / "last.pt", f"run {cfg.run!r} (--resume)")
+        resumed = checkpoint.load(run_dir_for(cfg) / "last.pt", f"run {cfg.run!r} (--resume)")
         cfg = settle_config(cfg, resumed["config"], given, "resume")
     elif cfg.init:
         init = checkpoint.load(Path(cfg.runs) / cfg.init / "best.pt", f"run {cfg.init!r} (--init)")
         cfg = settle_config(cfg, init["config"], given, "init")
-        run_dir = run_dir_for(cfg)
+    run_dir = run_dir_for(cfg)  # --run and --runs are given with --resume: the settled config keeps them
     names = cfg.backbone_list
     if len(names) < 2 or len(set(names)) != len(names):
         raise PipelineError(f"--backbones {cfg.backbones!r}: name two or more different backbones, comma-separated")
