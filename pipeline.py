@@ -1,7 +1,6 @@
 """The `pipeline` command: parses options into each stage's config and calls the stage."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import sys
 import types
@@ -115,16 +114,10 @@ def extract_summary(summary: dict) -> str:
 @click.pass_context
 def fuse(ctx, **options) -> None:
     """Train the HADA graph fusion from the cached train/val features; write fused val/test embeddings."""
-    from data.discover import dataset_in_cache, fuse_backbones
-    from fuse.run import run_fuse
+    from fuse.run import run_fuse, settle_targets
 
-    # An omitted --dataset or --backbones is what the cache holds (see data/discover.py for the order rule);
-    # a resumed run or a second stage takes them from the saved run instead (fuse/settings.py).
     cfg = run_stage(from_options, FuseConfig, options)  # bad values are refused before the cache is looked at
-    if not (cfg.resume or cfg.init):
-        dataset = run_stage(dataset_in_cache, cfg.cache, cfg.dataset)
-        names = run_stage(fuse_backbones, cfg.cache, dataset, cfg.backbones)
-        cfg = dataclasses.replace(cfg, dataset=dataset, backbones=",".join(names))
+    cfg = run_stage(settle_targets, cfg)
     given = frozenset(k for k in options if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE)
     summary = run_stage(run_fuse, cfg, given)
     click.echo(f"{summary['run']}: {summary['epochs']} epochs, best validation rsum {summary['best_rsum']:.2f}; "
@@ -185,7 +178,7 @@ def _score(cfg: ScoreConfig) -> dict:
     """Wire the stages: the fused model's embeddings come from fuse/, the scoring from evaluate/."""
     from data.datasets import load_split, resolve
     from data.index import SplitIndex, index_path
-    from evaluate.score import backbone_names, latest_run, run_backbones, run_score, score_external
+    from evaluate.score import backbone_names, cached_for, latest_run, run_backbones, run_score, score_external
 
     if cfg.sims:
         path = index_path(cfg.cache, cfg.dataset, cfg.split)
@@ -201,11 +194,8 @@ def _score(cfg: ScoreConfig) -> dict:
 
         logging.getLogger("pipeline.score").info("scoring run %s (backbones %s)", run, ", ".join(names))
         for split in dict.fromkeys([cfg.split, "val"] + (["train"] if cfg.rerank else [])):
-            try:
-                fused[split] = encode_run(Path(cfg.runs) / run, split, cfg.cache, cfg.device)
-            except PipelineError:
-                if split == cfg.split:
-                    raise
+            if split == cfg.split or cached_for(cfg, split, names):  # a split that is not cached is skipped
+                fused[split] = encode_run(Path(cfg.runs) / run, split, cfg.cache, cfg.device, cfg.memory_gb)
         return {**run_score(cfg, names, run, fused), "fusion": run_summary(Path(cfg.runs) / run)}
     return run_score(cfg, names, run, fused)
 
@@ -232,7 +222,9 @@ def demo(ctx, data_root: str, cache: str, runs: str, epochs: int, workers: int, 
 
     from data.backbone_spec import parse_specs
     from data.demo import VIEWS, generate_demo
+    from data.logs import without_warning
     from extract.backbones.demo_training import RECIPES, demo_weights, weights_folder
+    from fuse.train import NO_VIEWS
 
     t0 = time.perf_counter()
     names = [str(spec) for spec in run_stage(parse_specs, backbones)]
@@ -253,10 +245,13 @@ def demo(ctx, data_root: str, cache: str, runs: str, epochs: int, workers: int, 
                                "data_root": data_root, "cache": cache, "workers": workers, "batch_size": 128,
                                "checkpoint": checkpoints.get(backbone)})
     run = "demo" if ",".join(names) == DEMO_BACKBONES else f"demo-{'+'.join(names)}"
-    click.echo(f"[{next(step)}/{steps}] fuse {' + '.join(names)}, then score the test split")
-    ctx.invoke(fuse, **{**option_defaults(FuseConfig), "dataset": "demo", "backbones": ",".join(names),
-                        "cache": cache, "runs": runs, "run": run, "epochs": epochs, **DEMO_FUSE,
-                        "resume": (Path(runs) / run / "last.pt").is_file()})
+    click.echo(f"[{next(step)}/{steps}] fuse {' + '.join(names)} on clean images (the reference's augmentation "
+               f"flips and recolours images, which would falsify the demo captions' left/right and colours), "
+               f"then score the test split")
+    with without_warning("pipeline.fuse", NO_VIEWS):  # said just above, for this dataset
+        ctx.invoke(fuse, **{**option_defaults(FuseConfig), "dataset": "demo", "backbones": ",".join(names),
+                            "cache": cache, "runs": runs, "run": run, "epochs": epochs, **DEMO_FUSE,
+                            "resume": (Path(runs) / run / "last.pt").is_file()})
     ctx.invoke(score, **{**option_defaults(ScoreConfig), "dataset": "demo", "cache": cache, "runs": runs, "run": run,
                          "json": f"{runs}/{run}/scores.json", "plot": f"{runs}/{run}/recall.png"})
     what = (f"trained on the train split, each on one view of the scenes ({', '.join(trained)})" if trained

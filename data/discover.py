@@ -25,13 +25,23 @@ def cached_datasets(cache: str | Path) -> list[str]:
     return sorted({p.parent.parent.name for p in Path(cache).glob("*/*/index.json")})
 
 
-def cached_backbones(cache: str | Path, dataset: str, splits: tuple[str, ...]) -> list[str]:
-    """Backbones whose store is complete for every one of ``splits``, sorted by name."""
-    found = []
+def store_spec(manifest: dict, store: str) -> str:
+    """The backbone spec a store was made from: recorded in its manifest (``spec``; stores made before it was
+    recorded have it in their finished config), else the store's name."""
+    return manifest.get("spec") or manifest.get("config", {}).get("backbone") or store
+
+
+def cached_backbones(cache: str | Path, dataset: str, splits: tuple[str, ...]) -> dict[str, str]:
+    """{store name: the spec it was made from} of the backbones whose store is complete for every one of
+    ``splits``, sorted by store name (the spec of the first split's store)."""
+    found: list[dict[str, str]] = []
     for split in splits:
-        manifests = (Path(cache) / dataset / split).glob("*/manifest.json")
-        found.append({m.parent.name for m in manifests if read_json(m).get("complete")})
-    return sorted(set.intersection(*found)) if found else []
+        manifests = {m.parent.name: read_json(m) for m in (Path(cache) / dataset / split).glob("*/manifest.json")}
+        found.append({name: store_spec(m, name) for name, m in manifests.items() if m.get("complete")})
+    if not found:
+        return {}
+    common = set.intersection(*(set(f) for f in found))
+    return {name: found[0][name] for name in sorted(common)}
 
 
 def _listing(names: list[str]) -> str:
@@ -70,18 +80,19 @@ def dataset_in_cache(cache: str | Path, dataset: str | None) -> str:
 
 
 def fuse_backbones(cache: str | Path, dataset: str, backbones: str | None) -> list[str]:
-    """The backbones to fuse: those named, or every backbone with complete train and val stores, by name.
+    """The specs of the backbones to fuse: those named, or every backbone with complete train and val stores
+    (the spec each store was made from).
 
-    Without --backbones the order is alphabetical, so the first one (the weighted stage's) is the first
-    name in sorted order; name them with --backbones to choose another order.
+    Without --backbones the order is that of the store names, alphabetical, so the first one (the weighted
+    stage's) is the first store name in sorted order; name them with --backbones to choose another order.
     """
     ready = cached_backbones(cache, dataset, FUSE_SPLITS)
-    listing = f"backbones with complete train and val stores of {dataset} in {cache}: {_listing(ready)}"
+    listing = f"backbones with complete train and val stores of {dataset} in {cache}: {_listing(list(ready))}"
     if backbones is None:
         if len(ready) < 2:
             raise PipelineError(f"fusion needs two or more backbones; {listing}. Extract another with "
                                 f"`pipeline extract --backbone NAME --dataset {dataset}`")
-        return ready
+        return list(ready.values())
     specs = parse_specs(backbones)  # a spec with a typo is refused here, by name
     names = [str(spec) for spec in specs]
     missing = [f"{spec} (store {spec.store_name})" if spec.store_name != str(spec) else str(spec)

@@ -1,10 +1,12 @@
 """Log set-up for the `pipeline` command: our messages at INFO, third-party chatter and known noise kept out."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
 import warnings
+from typing import Iterator
 
 # Deprecation notices raised inside libraries we call, about their own code: nothing a user can act on.
 THIRD_PARTY_NOISE = (
@@ -29,3 +31,15 @@ def configure(verbose: bool = False) -> None:
         # transformers' and huggingface_hub's own bars (loading, saving weights) follow ours: terminal only.
         # Read when they are imported, which the stages do after this.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@contextlib.contextmanager
+def without_warning(logger: str, start: str) -> Iterator[None]:
+    """Leave out the messages of ``logger`` that begin with ``start`` (for a caller that says it otherwise)."""
+    drop = logging.Filter()
+    drop.filter = lambda record: not record.getMessage().startswith(start)
+    logging.getLogger(logger).addFilter(drop)
+    try:
+        yield
+    finally:
+        logging.getLogger(logger).removeFilter(drop)

@@ -9,21 +9,31 @@ that scores with several embeddings per image (BLIP-2: one per Q-Former query) a
 ``query_embeds`` (N x Q x D float32, each row L2-normalised); the backbone-alone score is then the best
 query's cosine, while ``embeds``/``norms`` hold the one vector per sample that the fusion takes. A shard
 is written under a temporary name and renamed when complete; its ``complete`` attribute is set last.
+
+One process writes a store at a time (``FeatureStore.writing``: a lock held for the whole write). A store's
+*settings* are its fingerprint minus what may differ between the splits of one backbone (``SPLIT_KEYS``): the
+stores of one backbone that a run trains, selects epochs and scores on must all have the same settings.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
 
 from data.atomic import atomic_path, read_json, write_json
 from data.errors import PipelineError
+from data.lock import exclusive
 
 SCHEMA_VERSION = 1
 KINDS = ("images", "texts")
+# Fingerprint keys that legitimately differ between the splits of one backbone: augmented views (train only)
+# and the split index the store was made from.
+SPLIT_KEYS = frozenset({"views", "view_seed", "augmentation", "index_version"})
 
 
 @dataclass
@@ -104,14 +114,74 @@ def shard_is_complete(path: Path, fingerprint: dict) -> bool:
         return False
 
 
+def read_rows(path: Path) -> int:
+    """Rows in a shard."""
+    with h5py.File(path, "r") as f:
+        return len(f["ids"])
+
+
 def read_shard_attrs(path: Path) -> dict:
     with h5py.File(path, "r") as f:
         return {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}
 
 
-def describe_difference(old: dict, new: dict) -> str:
+def describe_difference(old: dict, new: dict, labels: tuple[str, str] = ("stored", "now")) -> str:
     keys = sorted(set(old) | set(new))
-    return "; ".join(f"{k}: {old.get(k)!r} (stored) vs {new.get(k)!r} (now)" for k in keys if old.get(k) != new.get(k))
+    return "; ".join(f"{k}: {old.get(k)!r} ({labels[0]}) vs {new.get(k)!r} ({labels[1]})"
+                     for k in keys if old.get(k) != new.get(k))
+
+
+def store_settings(fingerprint: dict) -> dict:
+    """The settings of a store that must be equal across the splits of one backbone (its fingerprint without
+    ``SPLIT_KEYS``)."""
+    return {k: v for k, v in fingerprint.items() if k not in SPLIT_KEYS}
+
+
+def check_settings(expected: dict, store: "FeatureStore", backbone: str, split: str, source: str) -> None:
+    """Refuse ``store`` when its settings differ from ``expected`` (those of ``source``, e.g. "the run's train
+    store"), in one line naming the backbone, the split and each differing setting."""
+    actual = store.settings()
+    if actual != expected:
+        raise PipelineError(f"backbone {backbone}, split {split}: the store at {store.root} was made with other "
+                            f"settings than {source}: {describe_difference(expected, actual, (source, split))}. "
+                            f"Re-extract it with the same settings, or use another --cache")
+
+
+READ_CHUNK = 1024  # rows per read when a load skips rows (augmented views)
+
+
+def token_rows(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Indices of the token rows of samples whose rows start at ``starts`` and number ``counts``, concatenated."""
+    before = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return np.repeat(starts - before, counts) + np.arange(int(np.sum(counts)), dtype=np.int64)
+
+
+def _read_rows(f, out: ShardData, lo: int, hi: int, offs: np.ndarray, row: int, tok: int, tokens: bool,
+               keep: np.ndarray | None = None) -> tuple[int, int]:
+    """Copy shard rows lo:hi (``keep``: a mask over them) into ``out`` at row ``row`` and token row ``tok``.
+
+    ``offs``: the shard's token offsets of rows lo..hi. Returns the next (row, token row)."""
+    counts = np.diff(offs)
+    if keep is None:
+        m, t = hi - lo, int(offs[-1] - offs[0])
+        take = slice(None)
+    else:
+        m, t = int(keep.sum()), int(counts[keep].sum())
+        take = keep
+    if not m:
+        return row, tok
+    for name, dest in (("ids", out.ids), ("embeds", out.embeds), ("norms", out.norms), ("view", out.view),
+                       ("query_embeds", out.query_embeds)):
+        if dest is not None:
+            dest[row:row + m] = f[name][lo:hi][take]
+    out.offsets[row + 1:row + m + 1] = tok + np.cumsum(counts[take])
+    if tokens and t:
+        if keep is None:
+            f["tokens"].read_direct(out.tokens, np.s_[offs[0]:offs[-1]], np.s_[tok:tok + t])
+        else:
+            block = f["tokens"][offs[0]:offs[-1]]
+            out.tokens[tok:tok + t] = block[token_rows(offs[:-1][keep] - offs[0], counts[keep])]
+    return row + m, tok + t
 
 
 class FeatureStore:
@@ -136,6 +206,22 @@ class FeatureStore:
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
+    def settings(self) -> dict:
+        """The store's settings (``store_settings`` of its fingerprint)."""
+        return store_settings(self.manifest()["fingerprint"])
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the store's lock for a whole write; another writer is refused at once, naming its pid and host.
+
+        Temporary files left by a writer that died (a killed run) are removed here, under the lock, so a live
+        writer's are never touched.
+        """
+        with exclusive(self.root, f"the store {self.root}"):
+            for stale in self.root.glob(".*.tmp"):
+                stale.unlink()
+            yield
+
     def check(self, fingerprint: dict) -> dict | None:
         """The store's manifest (None if there is no store yet); a store made with another configuration is
         refused (nothing is written)."""
@@ -149,21 +235,21 @@ class FeatureStore:
                 f"Use another --cache or remove that folder.")
         return manifest
 
-    def claim(self, fingerprint: dict, shard_size: int | None = None) -> dict:
-        """Open for writing with this configuration; refuse a store made with another one.
+    def claim(self, fingerprint: dict, shard_size: int | None = None, **extra) -> dict:
+        """Open for writing with this configuration (call it inside ``writing()``); refuse a store made with another.
 
         ``shard_size`` is recorded, not compared: the caller keeps a store's own (extract.run.shard_size), or
-        sets a new one while the store has no shard yet.
+        sets a new one while the store has no shard yet. ``extra`` (e.g. the backbone spec) is recorded beside.
         """
-        for stale in self.root.glob(".*.tmp"):  # left by a killed run; never a complete shard
-            stale.unlink()
         manifest = self.check(fingerprint)
         if manifest is not None:
-            if shard_size is not None and manifest.get("shard_size") != shard_size:
-                manifest = {**manifest, "shard_size": shard_size}
+            update = {**({"shard_size": shard_size} if shard_size is not None else {}), **extra}
+            if any(manifest.get(k) != v for k, v in update.items()):
+                manifest = {**manifest, **update}
                 write_json(self.manifest_path, manifest)
             return manifest
-        manifest = {"schema": SCHEMA_VERSION, "fingerprint": fingerprint, "complete": False, "shard_size": shard_size}
+        manifest = {"schema": SCHEMA_VERSION, "fingerprint": fingerprint, "complete": False, "shard_size": shard_size,
+                    **extra}
         write_json(self.manifest_path, manifest)
         return manifest
 
@@ -177,16 +263,18 @@ class FeatureStore:
         return [self.root / name for name in manifest["shards"][kind]]
 
     def load(self, kind: str, tokens: bool = True, id_range: tuple[int, int] | None = None,
-             queries: bool = False) -> ShardData:
+             queries: bool = False, clean: bool = False) -> ShardData:
         """Rows of one kind in split-index order; ``id_range=(a, b)`` keeps rows with a <= id < b.
 
-        ``queries=True`` also reads ``query_embeds`` where the shards have them.
+        ``queries=True`` also reads ``query_embeds`` where the shards have them; ``clean=True`` keeps only the
+        clean view of each image (augmented views are skipped while reading, never held).
 
-        Reads straight into preallocated arrays, so peak memory is the result itself (no concatenation).
+        Reads straight into preallocated arrays, so peak memory is the result itself (no concatenation), plus
+        one chunk of ``READ_CHUNK`` rows when views are skipped.
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}")
-        plan = []  # (path, first row, last row, first token row, last token row)
+        plan = []  # (path, first row, last row, token offsets of rows lo..hi, rows kept among lo:hi or None)
         for path in self.shard_paths(kind):
             try:
                 with h5py.File(path, "r") as f:
@@ -194,8 +282,9 @@ class FeatureStore:
                         raise PipelineError(f"shard {path} is incomplete: rerun `pipeline extract` to redo it")
                     ids = f["ids"][:]
                     lo, hi = (0, len(ids)) if id_range is None else np.searchsorted(ids, id_range)
-                    if hi > lo:
-                        plan.append((path, int(lo), int(hi), int(f["offsets"][lo]), int(f["offsets"][hi])))
+                    keep = f["view"][lo:hi] == 0 if clean and "view" in f else None
+                    if hi > lo and (keep is None or keep.any()):
+                        plan.append((path, int(lo), int(hi), f["offsets"][lo:hi + 1], keep))
             except OSError as e:
                 raise PipelineError(f"shard {path} cannot be read ({e}): "
                                     f"remove it and rerun `pipeline extract`") from None
@@ -204,33 +293,34 @@ class FeatureStore:
         with h5py.File(plan[0][0], "r") as f:
             dims, width, has_view = f["embeds"].shape[1], f["tokens"].shape[1], "view" in f
             query_shape = f["query_embeds"].shape[1:] if queries and "query_embeds" in f else None
-        n, t = sum(p[2] - p[1] for p in plan), sum(p[4] - p[3] for p in plan)
+        n = sum(hi - lo if keep is None else int(keep.sum()) for _, lo, hi, _, keep in plan)
+        t = sum(int(np.diff(offs)[keep].sum()) if keep is not None else int(offs[-1] - offs[0])
+                for _, _, _, offs, keep in plan)
         out = ShardData(ids=np.empty(n, np.int64), embeds=np.empty((n, dims), np.float32),
                         norms=np.empty(n, np.float32), offsets=np.zeros(n + 1, np.int64),
                         tokens=np.empty((t, width), np.float16) if tokens else None,
                         view=np.empty(n, np.int8) if has_view else None,
                         query_embeds=np.empty((n, *query_shape), np.float32) if query_shape else None)
         row = tok = 0
-        for path, lo, hi, tlo, thi in plan:
+        for path, lo, hi, offs, keep in plan:
             with h5py.File(path, "r") as f:
-                m = hi - lo
-                out.ids[row:row + m] = f["ids"][lo:hi]
-                out.embeds[row:row + m] = f["embeds"][lo:hi]
-                out.norms[row:row + m] = f["norms"][lo:hi]
-                out.offsets[row + 1:row + m + 1] = f["offsets"][lo + 1:hi + 1] - tlo + tok
-                if out.view is not None:
-                    out.view[row:row + m] = f["view"][lo:hi]
-                if out.query_embeds is not None:
-                    out.query_embeds[row:row + m] = f["query_embeds"][lo:hi]
-                if tokens and thi > tlo:
-                    f["tokens"].read_direct(out.tokens, np.s_[tlo:thi], np.s_[tok:tok + thi - tlo])
-                row, tok = row + m, tok + thi - tlo
+                if keep is None:
+                    row, tok = _read_rows(f, out, lo, hi, offs, row, tok, tokens)
+                    continue
+                for a in range(lo, hi, READ_CHUNK):  # views skipped chunk by chunk
+                    b = min(a + READ_CHUNK, hi)
+                    row, tok = _read_rows(f, out, a, b, offs[a - lo:b - lo + 1], row, tok, tokens,
+                                          keep[a - lo:b - lo])
         return out
 
     def dims(self, kind: str) -> tuple[int, int]:
-        """(node width, embedding size) of one kind's rows."""
-        with h5py.File(self.shard_paths(kind)[0], "r") as f:
-            return int(f["tokens"].shape[1]), int(f["embeds"].shape[1])
+        """(node width, embedding size) of one kind's rows, read from a shard that has rows (a shard whose images
+        were all excluded with --skip-bad has none)."""
+        for path in self.shard_paths(kind):
+            with h5py.File(path, "r") as f:
+                if len(f["ids"]):
+                    return int(f["tokens"].shape[1]), int(f["embeds"].shape[1])
+        raise PipelineError(f"{self.root}: no {kind} rows (every one was excluded at extraction)")
 
     def nbytes(self, kind: str) -> int:
         """Bytes the token features of one kind take in memory (float16)."""

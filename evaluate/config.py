@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from data.datasets import SPLITS
+from data.errors import PipelineError
 from data.options import opt
 
 
@@ -21,6 +22,12 @@ class ScoreConfig:
                                      "repeatable; their late fusion too when several", multiple=True)
     rerank: bool = opt(False, "add rows re-ranked by Nearest Neighbor Normalization (train-split embeddings as bank)")
     device: str = opt("auto", "auto, cpu, cuda or cuda:N (encoding the fused model when its embeddings are missing)")
+    memory_gb: float | None = opt(None, "host memory for reading node features when the fused model encodes a split "
+                                        "(default 70% of available); more is read in blocks")
+
+    def __post_init__(self) -> None:
+        if self.memory_gb is not None and not self.memory_gb > 0:
+            raise PipelineError(f"--memory-gb {self.memory_gb}: need a positive number of GB")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,7 +1,8 @@
 """Recall when some images were excluded at extraction (--skip-bad): they and their captions count as misses.
 
-Scores are computed for the present images only (rows in the order of ``present``), against every caption;
-captions of absent images get a placeholder target, and their ranks are then set to a miss.
+Scores are computed for the present images only (rows in the order of ``present``), against every caption.
+Captions of absent images have no positive among those rows (target -1): they stay candidates for every present
+image (as they would be with their image present) but are nobody's positive, and their own ranks are misses.
 """
 from __future__ import annotations
 
@@ -23,9 +24,8 @@ class Coverage:
         self.n_images = n_images
         local = np.full(n_images, -1, dtype=np.int64)
         local[self.present] = np.arange(len(self.present))
-        self.local_t2i = local[self.t2i]
+        self.local_t2i = local[self.t2i]  # -1: the caption's image is absent
         self.absent_caption = self.local_t2i < 0
-        self.local_t2i[self.absent_caption] = 0  # placeholder; overridden in expand
 
     @property
     def complete(self) -> bool:

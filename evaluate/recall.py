@@ -42,8 +42,8 @@ def _targets(text_to_image: Any, n_images: int, n_texts: int, device: torch.devi
         raise ValueError(f"text_to_image has {t2i.numel()} entries for {n_texts} captions")
     if n_texts == 0:
         raise ValueError("no captions to score")
-    if int(t2i.min()) < 0 or int(t2i.max()) >= n_images:
-        raise ValueError(f"text_to_image must index images 0..{n_images - 1}")
+    if int(t2i.min()) < -1 or int(t2i.max()) >= n_images:
+        raise ValueError(f"text_to_image must index images 0..{n_images - 1} (or be -1: no positive image)")
     return t2i
 
 
@@ -86,13 +86,19 @@ class _Counter:
         if torch.isnan(pos).any():
             raise ValueError("similarity scores contain NaN")
         n_texts, dev = pos.numel(), pos.device
+        # A caption without a positive (target -1) is a candidate like any other but never a query's positive:
+        # its positive score is +inf, whose strict threshold (NaN) counts nothing, and its rank is -1.
+        self.has_target = t2i >= 0
+        pos = torch.where(self.has_target, pos, torch.full_like(pos, math.inf))
         self.t2i, self.pos, self.pos_above = t2i, pos, _above(pos)
+        cols = torch.arange(n_texts, device=dev)[self.has_target]
+        targets, scores = t2i[self.has_target], pos[self.has_target]
         best = torch.full((n_images,), -math.inf, dtype=pos.dtype, device=dev)
-        best.scatter_reduce_(0, t2i, pos, "amax")
-        at_best = pos == best[t2i]
+        best.scatter_reduce_(0, targets, scores, "amax")
+        at_best = scores == best[targets]
         col = torch.full((n_images,), n_texts, dtype=torch.int64, device=dev)
-        col.scatter_reduce_(0, t2i[at_best], torch.arange(n_texts, device=dev)[at_best], "amin")
-        self.has_caption = torch.bincount(t2i, minlength=n_images) > 0
+        col.scatter_reduce_(0, targets[at_best], cols[at_best], "amin")
+        self.has_caption = torch.bincount(targets, minlength=n_images) > 0
         self.best, self.best_col, self.best_above = best, col, _above(best)
         self.do_i2t, self.do_t2i = which in ("both", "i2t"), which in ("both", "t2i")
         self.workers = torch.get_num_threads() if dev.type == "cpu" else 1
@@ -177,7 +183,7 @@ class _Counter:
         if self.do_i2t:
             i2t = torch.where(self.has_caption, self.n_i2t.long(), -1).cpu().numpy()
         if self.do_t2i:
-            t2i = sum(n.long() for n in self.n_t2i).cpu().numpy()
+            t2i = torch.where(self.has_target, sum(n.long() for n in self.n_t2i), -1).cpu().numpy()
         return i2t, t2i
 
 
@@ -186,7 +192,9 @@ def retrieval_ranks(sims: Any, text_to_image: Any, chunk_size: Sequence[int] | i
     """0-based rank of the positive for every query: (i2t ranks per image, t2i ranks per caption).
 
     sims: images x captions scores (numpy array, memmap or torch tensor, any float dtype, any device);
-    text_to_image[j]: image index of caption j. Candidates rank by score descending, then index ascending
+    text_to_image[j]: image index of caption j, or -1 for a caption whose image is not among the rows (it is
+    still a candidate for every image, but no query's positive; its own t2i rank is -1, excluded from t2i recall:
+    evaluate.coverage counts such captions as misses). Candidates rank by score descending, then index ascending
     (an equal score with a lower index ranks ahead). An image's i2t rank is that of its best caption; an image
     without captions gets -1 (excluded from i2t recall). chunk_size: (images, captions) per tile, bounding
     temporary memory to about 4 bytes per tile entry and CPU thread. which: "both", "i2t" or "t2i" (the other
@@ -200,7 +208,7 @@ def retrieval_ranks(sims: Any, text_to_image: Any, chunk_size: Sequence[int] | i
     n_images, n_texts = s.shape
     t2i = _targets(text_to_image, n_images, n_texts, s.device)
     dtype = _compute_dtype(s.dtype)
-    pos = s[t2i, torch.arange(n_texts, device=s.device)].to(dtype)
+    pos = s[t2i.clamp_min(0), torch.arange(n_texts, device=s.device)].to(dtype)  # -1 targets: set aside by _Counter
     with _exact_denormals(), _Counter(pos, t2i, n_images, which) as counter:
         counter.add(s, 0, 0, tile, dtype)
         return counter.ranks()
@@ -240,7 +248,8 @@ def retrieval_ranks_from_embeddings(image_embeds: Any, text_embeds: Any, text_to
             txt = _rows(text_embeds, c0, c0 + block_texts, device)
             r0s = range(0, n_images, block_images)
             if only_positive:
-                r0s = (torch.unique(t2i[c0:c0 + block_texts] // block_images) * block_images).tolist()
+                targets = t2i[c0:c0 + block_texts]
+                r0s = (torch.unique(targets[targets >= 0] // block_images) * block_images).tolist()
             for r0 in r0s:
                 yield r0, c0, _rows(image_embeds, r0, r0 + block_images, device) @ txt.T
 
@@ -249,6 +258,7 @@ def retrieval_ranks_from_embeddings(image_embeds: Any, text_embeds: Any, text_to
         row = t2i[c0:c0 + sim.shape[1]] - r0
         cols = ((row >= 0) & (row < sim.shape[0])).nonzero().squeeze(1)
         pos[c0 + cols] = sim[row[cols], cols]
+    pos[t2i < 0] = math.inf  # no positive: set aside by _Counter
     with _exact_denormals(), _Counter(pos, t2i, n_images, which) as counter:
         for r0, c0, sim in blocks(only_positive=False):
             counter.add(sim, r0, c0, tile, torch.float32)

@@ -11,7 +11,7 @@ import torch
 from data.atomic import read_json
 from data.errors import PipelineError
 from data.index import SplitIndex, index_path
-from data.store import FeatureStore
+from data.store import FeatureStore, check_settings
 from data.torch_files import load_pt
 from evaluate.config import ScoreConfig
 from evaluate.coverage import Coverage
@@ -45,22 +45,23 @@ class Embeddings:
         return sims
 
 
-def read_embeddings(store: FeatureStore, name: str, index: SplitIndex) -> Embeddings:
-    """Clean-view embeddings of a store, refusing one made from another version of the split index."""
+def read_embeddings(store: FeatureStore, name: str, index: SplitIndex, queries: bool = True) -> Embeddings:
+    """Clean-view embeddings of a store (no node features; ``queries``: also per-query ones where stored),
+    refusing one made from another version of the split index."""
     manifest = store.manifest()
     version = manifest["fingerprint"].get("index_version")
     if version != index.version:
         raise PipelineError(f"{store.root} was made from split index version {version}, but the cache's "
                             f"{index.dataset}/{index.split} index is version {index.version}: "
                             f"re-extract or re-encode it")
-    images, texts = store.load("images", tokens=False, queries=True), store.load("texts", tokens=False)
-    clean = images.view == 0 if images.view is not None else np.ones(len(images), bool)
-    queries = torch.from_numpy(images.query_embeds[clean]) if images.query_embeds is not None else None
+    images = store.load("images", tokens=False, queries=queries, clean=True)
+    texts = store.load("texts", tokens=False)
     if len(texts) != len(index.captions):
         raise PipelineError(f"{store.root} holds {len(texts)} captions, the split index {len(index.captions)}")
     random_init = str(manifest["fingerprint"].get("checkpoint", "")).startswith("random-init")
-    return Embeddings(name, images.ids[clean], torch.from_numpy(images.embeds[clean]), torch.from_numpy(texts.embeds),
-                      random_init, queries)
+    per_query = torch.from_numpy(images.query_embeds) if images.query_embeds is not None else None
+    return Embeddings(name, images.ids, torch.from_numpy(images.embeds), torch.from_numpy(texts.embeds),
+                      random_init, per_query)
 
 
 def backbone_names(cache: str, dataset: str, split: str) -> list[str]:
@@ -105,18 +106,28 @@ class SplitEmbeddings:
         return ids
 
 
-def load_embeddings(cfg: ScoreConfig, split: str, names: list[str], fused_root: Path | None) -> SplitEmbeddings | None:
-    """Every backbone's (and the fused model's) embeddings of a split; None if it is not cached for all."""
-    path = index_path(cfg.cache, cfg.dataset, split)
-    if not path.is_file():
+def cached_for(cfg: ScoreConfig, split: str, names: list[str]) -> bool:
+    """True when the split's index and a store of every backbone are in the cache."""
+    return index_path(cfg.cache, cfg.dataset, split).is_file() and all(
+        FeatureStore.at(cfg.cache, cfg.dataset, split, name).exists() for name in names)
+
+
+def load_embeddings(cfg: ScoreConfig, split: str, names: list[str], fused_root: Path | None,
+                    settings: dict[str, dict] | None = None, source: str = "",
+                    queries: bool = True) -> SplitEmbeddings | None:
+    """Every backbone's (and the fused model's) embeddings of a split; None if it is not cached for all.
+
+    ``settings``: each backbone's store settings that the split's stores must have (those of ``source``, e.g. the
+    scored split's stores: one table never mixes features made with different settings)."""
+    if not cached_for(cfg, split, names):
         return None
-    index = SplitIndex.load(path)
+    index = SplitIndex.load(index_path(cfg.cache, cfg.dataset, split))
     methods = []
     for name in names:
         store = FeatureStore.at(cfg.cache, cfg.dataset, split, name)
-        if not store.exists():
-            return None
-        methods.append(read_embeddings(store, name, index))
+        if settings is not None:
+            check_settings(settings[name], store, name, split, source)
+        methods.append(read_embeddings(store, name, index, queries))
     if fused_root is not None:
         if not (Path(fused_root) / "manifest.json").is_file():
             return None
@@ -181,7 +192,9 @@ def run_score(cfg: ScoreConfig, names: list[str], run: str | None, fused: dict[s
     backbones = [e for e in test.methods if e.name in names]
     for emb in backbones:
         scorer.plain(emb)
-    val = load_embeddings(cfg, "val", names, fused.get("val")) if cfg.split != "val" else test
+    settings = {name: FeatureStore.at(cfg.cache, cfg.dataset, cfg.split, name).settings() for name in names}
+    source = f"the {cfg.split} store"
+    val = load_embeddings(cfg, "val", names, fused.get("val"), settings, source) if cfg.split != "val" else test
     if cfg.split == "val":
         scorer.notes["tuned_on_val"] = ("this table scores the val split, where the late-fusion weights, the NNN "
                                         "alpha and the run's best epoch were chosen: optimistic; report test")
@@ -197,7 +210,7 @@ def run_score(cfg: ScoreConfig, names: list[str], run: str | None, fused: dict[s
     if hada:
         scorer.plain(hada[0])
     if cfg.rerank:
-        train = load_embeddings(cfg, "train", names, fused.get("train"))
+        train = load_embeddings(cfg, "train", names, fused.get("train"), settings, source, queries=False)
         if train is None:
             raise PipelineError("--rerank needs the train split cached for every method (its embeddings are the bank)")
         for emb, bank in zip(test.methods, train.methods):

@@ -22,12 +22,33 @@ def pool_patches(tokens: torch.Tensor, grid: int, pool: int) -> torch.Tensor:
     return torch.cat([tokens[:, :1], pooled], dim=1)
 
 
+class NonFiniteFeatures(ValueError):
+    """Rows whose features are not finite (NaN, or beyond float16's range once stored): nothing is written."""
+
+    def __init__(self, ids: list[int]):
+        super().__init__(f"non-finite features for rows {ids}")
+        self.ids = ids
+
+
 class Packer:
-    """Accumulates encoded batches into one shard's arrays (tokens float16, offsets, normalised embeds)."""
+    """Accumulates encoded batches into one shard's arrays (tokens float16, offsets, normalised embeds).
+
+    Features that are not finite as stored (NaN or inf from the backbone, or float16 overflow of the node
+    features, beyond +-65504) are collected in ``nonfinite`` (split-index rows; views of an image count once).
+    """
 
     def __init__(self):
         self.ids, self.views, self.embeds, self.norms, self.tokens, self.counts = [], [], [], [], [], []
-        self.queries = []
+        self.queries, self.nonfinite = [], []
+
+    def _check(self, ids, proj: torch.Tensor, tokens: torch.Tensor, valid: torch.Tensor | None,
+               queries: torch.Tensor | None) -> None:
+        finite = torch.isfinite(tokens) if valid is None else torch.isfinite(tokens) | ~valid[..., None]
+        ok = finite.flatten(1).all(1) & torch.isfinite(proj).all(1)
+        if queries is not None:
+            ok &= torch.isfinite(queries.float()).flatten(1).all(1)
+        if not bool(ok.all()):
+            self.nonfinite.extend(int(i) for i in ids[~ok.cpu()].tolist() if int(i) not in self.nonfinite)
 
     def add(self, ids, views, proj: torch.Tensor, tokens: torch.Tensor, lengths: torch.Tensor | None,
             queries: torch.Tensor | None = None) -> None:
@@ -40,12 +61,14 @@ class Packer:
         self.embeds.append((proj / norms.clamp_min(1e-12)[:, None]).cpu().numpy())
         self.norms.append(norms.cpu().numpy())
         tokens = tokens.to(torch.float16)
+        valid = None if lengths is None else \
+            torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
+        self._check(ids, proj, tokens, valid, queries)
         if lengths is None:
             self.tokens.append(tokens.flatten(0, 1).cpu().numpy())
             self.counts.append(np.full(len(tokens), tokens.shape[1]))
         else:  # strip padding per caption
-            mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths[:, None]
-            self.tokens.append(tokens[mask].cpu().numpy())
+            self.tokens.append(tokens[valid].cpu().numpy())
             self.counts.append(lengths.cpu().numpy())
 
     def data(self) -> ShardData:
@@ -74,6 +97,8 @@ def map_images(backbone, batches: Iterable[tuple], cfg, device: torch.device, pr
             packer.add(ids, views if cfg.views else None, enc.proj, tokens, None, enc.queries)
             if progress:
                 progress.update(len(ids), "images")
+    if packer.nonfinite:
+        raise NonFiniteFeatures(packer.nonfinite)
     return packer.data(), bad
 
 
@@ -92,4 +117,6 @@ def map_texts(backbone, captions, start: int, stop: int, cfg, device: torch.devi
             packer.add(torch.arange(a, z), None, enc.proj, enc.tokens, enc.lengths)
             if progress:
                 progress.update(z - a, "texts")
+    if packer.nonfinite:
+        raise NonFiniteFeatures(packer.nonfinite)
     return packer.data(), truncated

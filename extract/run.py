@@ -32,6 +32,9 @@ def check_config(cfg: ExtractConfig) -> None:
         raise PipelineError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     if cfg.scheduler == "distributed" and not cfg.address:
         raise PipelineError("--scheduler distributed needs --address tcp://HOST:PORT of a running dask scheduler")
+    if cfg.address and cfg.scheduler != "distributed":
+        raise PipelineError(f"--address {cfg.address} is for --scheduler distributed (now --scheduler "
+                            f"{cfg.scheduler}): add --scheduler distributed, or leave --address out")
     if cfg.annotations and not cfg.dataset:
         raise PipelineError("--annotations needs --dataset NAME (the name of its folder in the cache)")
 
@@ -112,6 +115,22 @@ def shards_cut_with(store: FeatureStore, size: int, n_images: int, n_texts: int)
     return None
 
 
+def check_backbone_options(cfg: ExtractConfig, backbone) -> None:
+    """Refuse options the loaded backbone would ignore (and that would still enter the store's settings)."""
+    if cfg.token_pool > 1 and not backbone.patch_grid:
+        raise PipelineError(f"--token-pool {cfg.token_pool}: {cfg.backbone} stores no patch-token grid to pool "
+                            f"(its image nodes: {backbone.image_rows()} per image); leave --token-pool out")
+
+
+def reusable(path: Path, fp: dict, job: ShardJob) -> bool:
+    """A shard is kept when it is complete, made with every setting of this run, and excludes no image: a shard
+    written under --skip-bad is redone on every run, so a repaired image is re-read (and a still-bad one is
+    named again)."""
+    if not shard_is_complete(path, {**fp, "start": job.start, "stop": job.stop}):
+        return False
+    return job.kind != "images" or not json.loads(read_shard_attrs(path).get("bad_images", "[]"))
+
+
 def plan(n_images: int, n_texts: int, shard_size: int) -> list[ShardJob]:
     jobs = []
     for kind, n in (("images", n_images), ("texts", n_texts)):
@@ -182,6 +201,7 @@ def run_extract(cfg: ExtractConfig, index: SplitIndex | None = None) -> dict:
     index = index if index is not None else load_split(spec, cfg.split)
     log.info("split %s (index version %s)", index.describe(), index.version)
     backbone = load(cfg.backbone, cfg.backbone_options(), pick_device(cfg.device))  # weights first: fails fast
+    check_backbone_options(cfg, backbone)
     estimate = estimate_bytes(backbone, cfg, index)
     store = FeatureStore.at(cfg.cache, index.dataset, index.split, cfg.store)
     fp = fingerprint(cfg, backbone, index.version)
@@ -193,14 +213,23 @@ def run_extract(cfg: ExtractConfig, index: SplitIndex | None = None) -> dict:
                 "rows": {"images": len(index.images) * (1 + cfg.views), "texts": len(index.captions)}}
 
     store_index(index, cfg.cache)
-    manifest = store.claim(fp, cfg.shard_size)
+    with store.writing():  # one writer per store, for the whole write
+        return write_store(cfg, index, spec.image_root, backbone, store, fp, estimate)
+
+
+def write_store(cfg: ExtractConfig, index: SplitIndex, image_root: Path, backbone, store: FeatureStore, fp: dict,
+                estimate: dict) -> dict:
+    """Claim the store (its lock held), run the shards that cannot be reused, and finish its manifest."""
+    # The shard size is settled again under the lock: another writer may have started the store meanwhile.
+    cfg = replace(cfg, shard_size=shard_size(cfg, store, store.check(fp), len(index.images), len(index.captions)))
+    jobs = plan(len(index.images), len(index.captions), cfg.shard_size)
+    manifest = store.claim(fp, cfg.shard_size, spec=cfg.backbone)
     attrs = {**fp, **{k: v for k, v in backbone.describe().items() if k in VERSION_KEYS}}
-    todo = [j for j in jobs if not shard_is_complete(store.root / j.name, {"index_version": index.version,
-                                                                            "start": j.start, "stop": j.stop})]
+    todo = [j for j in jobs if not reusable(store.root / j.name, fp, j)]
     log.info("%s: %d of %d shards to do, estimated %s on disk", store.root, len(todo), len(jobs),
              human(estimate["total"]))
     t0 = time.perf_counter()
-    results = dispatch(todo, cfg, index, spec.image_root, attrs)
+    results = dispatch(todo, cfg, index, image_root, attrs)
     written = [read_shard_attrs(store.root / j.name) for j in jobs if (store.root / j.name).is_file()]
     # Every bad image of the run is named at once; shards holding one were not written (unless --skip-bad).
     bad = sorted({(i, e) for r in results for i, e in r.bad}
@@ -210,7 +239,7 @@ def run_extract(cfg: ExtractConfig, index: SplitIndex | None = None) -> dict:
             if j.kind == "images":
                 (store.root / j.name).unlink(missing_ok=True)
         raise PipelineError(f"all {len(index.images)} images of {index.dataset}/{index.split} are unreadable "
-                            f"(the first: {bad[0][1]}): is {spec.image_root} their folder?")
+                            f"(the first: {bad[0][1]}): is {image_root} their folder?")
     if bad and not cfg.skip_bad:
         raise PipelineError(bad_images_message(bad))
     manifest.update(

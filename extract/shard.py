@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data.device import pick_device
+from data.errors import PipelineError
 from data.store import FeatureStore, shard_name, write_shard
 from extract.backbones import load
-from extract.mapper import map_images, map_texts
+from extract.mapper import NonFiniteFeatures, map_images, map_texts
 from extract.reader import ImageRows, image_batches
 
 
@@ -44,14 +45,18 @@ def run_shard(job: ShardJob, cfg, index, image_root: Path, attrs: dict, progress
     result = ShardResult(job)
     device = pick_device(cfg.device)
     backbone = load(cfg.backbone, cfg.backbone_options(), device)
-    if job.kind == "images":
-        rows = list(range(job.start, job.stop))
-        reader = ImageRows([image_root / index.images[r] for r in rows], rows, cfg.views, backbone.eval_transform(),
-                           backbone.train_transform() if cfg.views else None, cfg.seed, backbone.name)
-        data, result.bad = map_images(backbone, image_batches(reader, cfg.batch_size, cfg.workers), cfg, device,
-                                      progress)
-    else:
-        data, result.truncated = map_texts(backbone, index.captions, job.start, job.stop, cfg, device, progress)
+    try:
+        if job.kind == "images":
+            rows = list(range(job.start, job.stop))
+            reader = ImageRows([image_root / index.images[r] for r in rows], rows, cfg.views,
+                               backbone.eval_transform(), backbone.train_transform() if cfg.views else None, cfg.seed,
+                               backbone.name)
+            data, result.bad = map_images(backbone, image_batches(reader, cfg.batch_size, cfg.workers), cfg, device,
+                                          progress)
+        else:
+            data, result.truncated = map_texts(backbone, index.captions, job.start, job.stop, cfg, device, progress)
+    except NonFiniteFeatures as e:
+        raise PipelineError(nonfinite_message(cfg, index, image_root, job.kind, e.ids)) from None
     result.rows = len(data)
     if not result.bad or cfg.skip_bad:
         store = FeatureStore.at(cfg.cache, index.dataset, index.split, cfg.store)
@@ -61,3 +66,15 @@ def run_shard(job: ShardJob, cfg, index, image_root: Path, attrs: dict, progress
         result.written = True
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def nonfinite_message(cfg, index, image_root: Path, kind: str, ids: list[int]) -> str:
+    """Name the images or captions whose features are not finite; nothing of their shard was written."""
+    named = [str(image_root / index.images[i]) if kind == "images" else f"caption {i} {index.captions[i]!r}"
+             for i in ids]
+    shown = "\n  ".join(named[:20]) + (f"\n  ... and {len(named) - 20} more" if len(named) > 20 else "")
+    what = "image(s)" if kind == "images" else "caption(s)"
+    return (f"{cfg.backbone} gave non-finite features (NaN or inf, or node features beyond float16's range of "
+            f"+-65504, the store's precision) for {len(ids)} {what}; nothing of their shard was written:\n  {shown}\n"
+            f"With --precision {cfg.precision}" + (", try --precision fp32; if it persists, " if cfg.precision != "fp32"
+                                                   else ", ") + "check the weights (--checkpoint) and these inputs.")

@@ -19,6 +19,10 @@ from data.options import flag, opt
 ATTENTION = {"dense": None, "dense-eager": "eager", "dense-compiled": "compiled", "pyg": None}
 
 
+# Options of earlier versions that never changed a run (still in the config.json of runs they made).
+RETIRED = frozenset({"data_root"})
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """HADA's model: widths, heads, dropout, edge weights, momentum encoders, queue, temperature."""
@@ -85,7 +89,6 @@ class FuseConfig:
                                       "(the reference's 0.001 on its 0-6 scale)")
     clean_prob: float = opt(0.0, "deviation: chance that a visit uses the clean image although augmented views "
                                  "are cached (the reference never trains on clean images; ALBEF-HADA: 0.25)")
-    data_root: str = opt("datasets", "dataset folder (only read when a split index is missing)")
     cache: str = opt("cache", "feature cache folder")
     runs: str = opt("runs", "folder for runs")
     run: str | None = opt(None, "run name (default <dataset>-<backbones>)")
@@ -119,6 +122,9 @@ class FuseConfig:
             raise PipelineError(f"--clean-prob {self.clean_prob}: need 0 <= P <= 1")
         if self.memory_gb is not None and not self.memory_gb > 0:
             raise PipelineError(f"--memory-gb {self.memory_gb}: need a positive number of GB")
+        if self.init_momentum and not self.init:
+            raise PipelineError("--init-momentum starts the momentum encoders of a second stage from the loaded "
+                                "weights: it needs --init RUN")
 
     @property
     def backbone_list(self) -> list[str]:
@@ -135,6 +141,7 @@ class FuseConfig:
     @classmethod
     def from_dict(cls, saved: dict) -> "FuseConfig":
         """The config saved with a run; settings this version does not know are refused by name."""
+        saved = {k: v for k, v in saved.items() if k not in RETIRED}
         model = saved.get("model", {})
         unknown = sorted(set(saved) - {f.name for f in fields(cls)}) + \
             sorted(f"model.{k}" for k in set(model) - {f.name for f in fields(ModelConfig)})

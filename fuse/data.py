@@ -11,7 +11,7 @@ import torch
 
 from data.errors import PipelineError
 from data.index import SplitIndex, index_path
-from data.store import FeatureStore, ShardData
+from data.store import FeatureStore, ShardData, read_rows, token_rows
 from fuse.batch import PackedFeatures
 
 log = logging.getLogger("pipeline.fuse")
@@ -86,18 +86,18 @@ def _packed(data: ShardData, rows: np.ndarray | None = None) -> PackedFeatures:
     """PackedFeatures from store rows (optionally a subset, in the given order); embeds are the raw projections."""
     if rows is not None and not np.array_equal(rows, np.arange(len(data))):
         counts = np.diff(data.offsets)[rows]
-        starts = data.offsets[rows]
-        token_rows = np.repeat(starts - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(counts.sum())
         data = ShardData(ids=data.ids[rows], embeds=data.embeds[rows], norms=data.norms[rows],
-                         offsets=np.concatenate([[0], np.cumsum(counts)]), tokens=data.tokens[token_rows])
+                         offsets=np.concatenate([[0], np.cumsum(counts)]),
+                         tokens=data.tokens[token_rows(data.offsets[rows], counts)])
     return PackedFeatures(torch.from_numpy(data.tokens), torch.from_numpy(data.offsets),
                           torch.from_numpy(data.raw_embeds.astype(np.float32)))
 
 
 def load_split_features(index: SplitIndex, stores: list[FeatureStore], id_range: tuple[int, int] | None = None,
                         views: bool = True) -> SplitFeatures:
-    """Load images and captions (of images with ids in ``id_range``) of every store, aligned by (id, view)."""
-    images = [s.load("images", id_range=id_range) for s in stores]
+    """Load images and captions (of images with ids in ``id_range``) of every store, aligned by (id, view);
+    ``views=False``: clean images only (augmented views are not read)."""
+    images = [s.load("images", id_range=id_range, clean=not views) for s in stores]
     n_views = min(int(d.view.max()) if d.view is not None else 0 for d in images) if views else 0
     keys = []
     for d in images:
@@ -127,10 +127,34 @@ def available_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def memory_budget_gb(memory_gb: float | None) -> float:
+    """--memory-gb, or when it is left out 70% of the host memory available now (in GB, rounded to 0.01)."""
+    return memory_gb if memory_gb else round(0.7 * available_memory() / 1e9, 2)
+
+
+def load_rows(stores: list[FeatureStore], kind: str, id_range: tuple[int, int]) -> tuple[np.ndarray, list]:
+    """(ids, one PackedFeatures per store) of one kind's rows with ids in ``id_range``, clean views only, aligned:
+    the ids every store holds."""
+    data = [s.load(kind, id_range=id_range, clean=True) for s in stores]
+    ids = data[0].ids
+    for d in data[1:]:
+        ids = np.intersect1d(ids, d.ids)
+    return ids, [_packed(d, np.searchsorted(d.ids, ids)) for d in data]
+
+
+def bytes_per_row(stores: list[FeatureStore], kind: str) -> float:
+    """Mean bytes one row of ``kind`` takes in memory, summed over the stores."""
+    total = 0.0
+    for store in stores:
+        rows = sum(read_rows(p) for p in store.shard_paths(kind))
+        total += store.nbytes(kind) / max(rows, 1)
+    return total
+
+
 def plan_blocks(stores: list[FeatureStore], n_images: int, memory_gb: float | None) -> list[tuple[int, int]]:
     """One block (all in memory) when the features fit the budget, else contiguous image-id blocks to stream."""
     need = sum(s.nbytes("images") + s.nbytes("texts") for s in stores)
-    budget = memory_gb * 1e9 if memory_gb else 0.7 * available_memory()
+    budget = memory_budget_gb(memory_gb) * 1e9
     if need <= budget:
         log.info("train features: %.2f GB, held in memory (budget %.2f GB)", need / 1e9, budget / 1e9)
         return [(0, n_images)]

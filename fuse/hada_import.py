@@ -17,6 +17,7 @@ import torch
 
 from data.backbone_spec import parse_specs
 from data.errors import PipelineError
+from data.store import check_settings
 from data.torch_files import load_pt
 from fuse import checkpoint
 from fuse.config import FuseConfig, ModelConfig
@@ -113,14 +114,18 @@ def import_hada(path: str, dataset: str, backbones: str, run: str, cache: str = 
     model_cfg = ModelConfig(width=dims["width"], heads=dims["heads"], embed_dim=dims["embed_dim"],
                             weighted=weighted, reference_bug=reference_bug)
     cfg = FuseConfig(dataset=dataset, backbones=",".join(names), cache=cache, runs=runs, run=run, model=model_cfg)
-    stored, versions = {}, {}
-    for split in ("val", "test"):  # the dims of whichever eval split is cached
+    stored, versions, settings = {}, {}, {}
+    for split in ("val", "test"):  # the dims and settings of the cached eval splits (the same for both)
         try:
             index, stores = open_stores(cache, dataset, split, names)
         except PipelineError:
             continue
         versions[split] = index.version
         stored = store_dims(stores)
+        for name, store in zip(names, stores):
+            if name in settings:
+                check_settings(settings[name], store, name, split, "val")
+            settings[name] = store.settings()
     if not stored:
         raise PipelineError(f"no val or test split of {dataset!r} is cached for {', '.join(names)} in {cache}: "
                             f"run `pipeline extract` first")
@@ -141,13 +146,13 @@ def import_hada(path: str, dataset: str, backbones: str, run: str, cache: str = 
         raise PipelineError(str(e)) from None
     model.load_partial(weights, momentum=True)
     epoch = int(state.get("epoch", 0))
-    saved = {"model": model.state_dict(), "backbones": names, "dims": stored, "index_versions": versions,
-             "config": cfg.to_dict(), "epoch": epoch, "history": [], "best_rsum": None, "best_epoch": epoch,
-             "bad_epochs": 0, "imported_from": str(path)}
+    meta = {"backbones": names, "dims": stored, "index_versions": versions, "store_settings": settings,
+            "config": cfg.to_dict(), "imported_from": str(path), "epoch": epoch}
+    saved = {"model": model.state_dict(), **meta, "history": [], "best_rsum": None, "best_epoch": epoch,
+             "bad_epochs": 0}
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.save(run_dir / "best.pt", saved)
-    checkpoint.write_config(run_dir, {"backbones": names, "dims": stored, "index_versions": versions,
-                                      "config": cfg.to_dict(), "imported_from": str(path), "epoch": epoch})
+    checkpoint.write_config(run_dir, meta)
     log.info("imported %s as run %s (width %d, %d heads, embed %d, weighted %s, reference bug %s)", path, run_dir,
              dims["width"], dims["heads"], dims["embed_dim"], weighted, reference_bug)
     return run_dir

@@ -18,7 +18,10 @@ log = logging.getLogger("pipeline.fuse")
 
 # What a resumed run may change: when it stops, where it runs, where it reads and writes.
 RESUME_FREE = frozenset({"epochs", "patience", "min_improvement", "device", "precision", "attention", "memory_gb",
-                         "cache", "runs", "data_root", "resume", "run"})
+                         "cache", "runs", "resume", "run"})
+# What a resumed run may change, but keeps from the saved run when left out: the memory budget decides whether
+# the train split is streamed in blocks, and so the order of the batches.
+RESUME_STICKY = frozenset({"memory_gb"})
 # What a second stage may not change: it loads these weights and features.
 INIT_FIXED = frozenset({"dataset", "backbones", "width", "heads", "embed_dim"})
 # Model settings a second stage takes from its first unless given (the reference's C1_cont repeats C1's).
@@ -40,8 +43,8 @@ def settle_config(cfg: FuseConfig, saved: dict, given: frozenset[str] | None, mo
     new = flat(cfg)
     given = frozenset(new) if given is None else given
     if mode == "resume":
-        keep = {k for k in new if k not in RESUME_FREE}
-        fixed = keep
+        fixed = {k for k in new if k not in RESUME_FREE}
+        keep = fixed | RESUME_STICKY
     else:
         keep, fixed = INIT_ADOPTED, INIT_FIXED
     changed = [k for k in sorted(keep & given) if new[k] != old[k]]

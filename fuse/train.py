@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +19,14 @@ import torch
 from data.device import autocast, pick_device
 from data.errors import PipelineError
 from data.progress import Progress
+from data.store import check_settings, describe_difference
 from fuse import checkpoint
 from fuse.batch import gather_batch
 from fuse.config import FuseConfig
 from fuse.data import (
     SplitFeatures,
     load_split_features,
+    memory_budget_gb,
     open_stores,
     place,
     plan_blocks,
@@ -39,6 +41,7 @@ from fuse.settings import settle_config
 
 log = logging.getLogger("pipeline.fuse")
 CHECK_EVERY = 50  # steps between reads of the device-side loss sums (the only host syncs of an epoch)
+NO_VIEWS = "the train stores hold no augmented views"  # how the warning starts (the demo says why it has none)
 
 
 @dataclass
@@ -125,11 +128,28 @@ def run_dir_for(cfg: FuseConfig) -> Path:
     return Path(cfg.runs) / cfg.run_name
 
 
-def check_saved_run(saved: dict, versions: dict, dims: dict, names: list[str], what: str) -> None:
-    """Refuse to resume or initialise from a run made on other split indexes or stores of other widths.
+def store_settings_of(names: list[str], train_stores, val_stores) -> dict[str, dict]:
+    """Each backbone's store settings, refusing a backbone whose val store was made with other settings than its
+    train store (fusion would train on one kind of feature and select epochs on another)."""
+    settings = {name: store.settings() for name, store in zip(names, train_stores)}
+    for name, store in zip(names, val_stores):
+        check_settings(settings[name], store, name, "val", "train")
+    return settings
+
+
+def check_saved_run(saved: dict, versions: dict, dims: dict, names: list[str], what: str,
+                    settings: dict[str, dict] | None = None) -> None:
+    """Refuse to resume or initialise from a run made on other split indexes, stores of other widths, or stores
+    of other settings.
 
     A split the saved run does not record (an imported run knows only val and test) is not compared.
     """
+    for name, now in (settings or {}).items():
+        was = saved.get("store_settings", {}).get(name)
+        if was is not None and was != now:
+            raise PipelineError(f"{what} was trained on {name} stores made with other settings than the cache's "
+                                f"now: {describe_difference(was, now, (what, 'cache'))}. Re-extract with the run's "
+                                f"settings, or start a new --run")
     for split, version in versions.items():
         if split in saved["index_versions"] and saved["index_versions"][split] != version:
             raise PipelineError(f"{what} was trained on {split} split index {saved['index_versions'][split]}, "
@@ -167,14 +187,17 @@ def train(cfg: FuseConfig, given: frozenset[str] | None = None) -> dict:
     train_index, train_stores = open_stores(cfg.cache, cfg.dataset, "train", names)
     val_index, val_stores = open_stores(cfg.cache, cfg.dataset, "val", names)
     versions = {"train": train_index.version, "val": val_index.version}
+    settings = store_settings_of(names, train_stores, val_stores)
     dims = store_dims(val_stores)
     for saved, what in ((resumed, f"run {cfg.run}"), (init, f"run {cfg.init}")):
         if saved:
-            check_saved_run(saved, versions, dims, names, what)
+            check_saved_run(saved, versions, dims, names, what, settings)
+    # The resolved budget is saved: a resume without --memory-gb streams (or not) the same blocks.
+    cfg = replace(cfg, memory_gb=memory_budget_gb(cfg.memory_gb))
     views = stored_views(train_stores)
     if views == 0:
-        log.warning("the train stores hold no augmented views: training sees clean images only, while the "
-                    "reference augments every visit (extract the train split with --views K)")
+        log.warning("%s: training sees clean images only, while the reference augments every visit (extract the "
+                    "train split with --views K)", NO_VIEWS)
     val = place(load_split_features(val_index, val_stores, views=False), device)
     blocks = plan_blocks(train_stores, len(train_index.images), cfg.memory_gb)
     whole = place(load_split_features(train_index, train_stores), device) if len(blocks) == 1 else None
@@ -201,7 +224,8 @@ def train(cfg: FuseConfig, given: frozenset[str] | None = None) -> dict:
         trainer.init_from(init, cfg.init_momentum)
         log.info("initialised from run %s (epoch %d): encoders and ITM head", cfg.init, init["epoch"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"backbones": names, "dims": dims, "index_versions": versions, "config": cfg.to_dict()}
+    meta = {"backbones": names, "dims": dims, "index_versions": versions, "store_settings": settings,
+            "config": cfg.to_dict()}
     checkpoint.write_config(run_dir, {**meta, "device": str(device), "torch": torch.__version__})
 
     for epoch in range(len(history) + 1, cfg.epochs + 1):
@@ -211,7 +235,10 @@ def train(cfg: FuseConfig, given: frozenset[str] | None = None) -> dict:
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)  # same epoch, same order: resumable
         plan = epoch_plan(train_index, present, blocks, views, cfg.batch_size, cfg.clean_prob, gen)
-        row = run_epoch(trainer, epoch, plan, blocks, whole, train_index, train_stores, device)
+        try:
+            row = run_epoch(trainer, epoch, plan, blocks, whole, train_index, train_stores, device)
+        except NonFiniteLoss:
+            raise PipelineError(nonfinite_loss_message(cfg, epoch, best_epoch)) from None
         row.update(trainer.model.learned())
         trainer.model.eval()
         row.update(recall_of(*encode_split(trainer.model, val, device, eval_batch_size(cfg)), val))
@@ -234,6 +261,22 @@ def train(cfg: FuseConfig, given: frozenset[str] | None = None) -> dict:
                  f", w {row['w']:.3f}" if "w" in row else "", row["seconds"])
     return {"run": str(run_dir), "epochs": len(history), "best_rsum": best, "best_epoch": best_epoch,
             "history": history, "config": cfg}
+
+
+class NonFiniteLoss(ArithmeticError):
+    """A step's loss was NaN or inf: the epoch is abandoned before anything of it is saved."""
+
+
+def nonfinite_loss_message(cfg: FuseConfig, epoch: int, best_epoch: int) -> str:
+    """What the user can do: --resume keeps the run's --lr, so a lower one needs a new run."""
+    kept = f"its checkpoints up to epoch {epoch - 1} are kept (best: epoch {best_epoch})" if epoch > 1 else \
+        "nothing of it was saved"
+    bf16 = (" Or resume it in full precision: `pipeline fuse --resume --run {run} --precision fp32`."
+            .format(run=cfg.run_name) if cfg.precision == "bf16" else "")
+    return (f"non-finite loss in epoch {epoch} of run {cfg.run_name}; stopped, and {kept}. A resumed run keeps its "
+            f"--lr, so train a new run with a lower one, e.g. `pipeline fuse --run {cfg.run_name}-lr{cfg.lr / 4:g} "
+            f"--lr {cfg.lr / 4:g}`" + (f" (add --init {cfg.run_name} to start from its best encoders)"
+                                      if epoch > 1 else "") + f".{bf16}")
 
 
 def run_epoch(trainer: Trainer, epoch: int, plan: list[Batch], blocks, whole, index, stores, device) -> dict:
@@ -260,8 +303,7 @@ def run_epoch(trainer: Trainer, epoch: int, plan: list[Batch], blocks, whole, in
         if (i + 1) % CHECK_EVERY == 0 or i + 1 == len(plan):
             if not bool(finite):
                 bar.close()
-                raise PipelineError(f"non-finite loss in epoch {epoch}; stopped. The last good checkpoint is kept; "
-                                    f"try a lower --lr")
+                raise NonFiniteLoss(epoch)
             bar.update(0, loss=float(totals["loss"]) / pairs)
         bar.update(len(batch.captions))
     bar.close()

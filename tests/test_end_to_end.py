@@ -37,3 +37,15 @@ def test_design_card_sequence_in_a_fresh_folder(tmp_path):
     methods = [line.split()[0] for line in table.splitlines()[2:6]]
     assert methods == ["blip-tiny", "clip-tiny", "late-fusion", "hada"], table
     assert "late_fusion_weights" in table and "random_init" in table
+
+
+@pytest.mark.slow
+def test_the_demo_says_why_it_trains_on_clean_images_instead_of_warning(tmp_path):
+    """A newcomer's first run should not warn about itself: the demo's fuse step says why it has no views."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "pipeline.py"), "demo", "--backbones", "blip-tiny,clip-tiny",
+                           "--epochs", "1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "fuse blip-tiny + clip-tiny on clean images (the reference's augmentation flips and recolours" in proc.stdout
+    assert "augmented views" not in proc.stderr, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr and "Traceback" not in proc.stderr

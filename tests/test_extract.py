@@ -185,7 +185,7 @@ def test_a_killed_legacy_store_with_its_first_shards_only(tiny_data, tmp_path):
 def test_a_store_without_shards_takes_a_new_size_and_configuration_is_said_first(tiny_data, tmp_path):
     extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny", "--shard-size", 3)
     store = FeatureStore.at(tmp_path / "c", "toy", "test", "clip-tiny")
-    out = extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny", "--shard-size", 5, "--token-pool", 2,
+    out = extract(tiny_data, tmp_path / "c", "--backbone", "clip-tiny", "--shard-size", 5, "--precision", "bf16",
                   expect=2).output
     assert "another configuration" in out and "--shard-size" not in out.split("Error:")[1]
     store.manifest_path.write_text(json.dumps({**store.manifest(), "complete": False}))

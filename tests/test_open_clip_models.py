@@ -134,6 +134,12 @@ def test_two_open_clip_models_side_by_side_fused_by_spec(tiny_models, tiny_data,
             "--json", tmp_path / "s.json")
     rows = [r["method"] for r in json.loads((tmp_path / "s.json").read_text())["rows"]]
     assert rows == [*config["backbones"], "late-fusion", "hada"]
+    # Without --backbones: the stores' recorded specs (their names cannot be parsed back into specs).
+    run_cli("fuse", "--dataset", "toy", "--cache", tmp_path / "c", "--runs", tmp_path / "runs", "--epochs", 1,
+            "--run", "found", *TINY_FUSE)
+    found = json.loads((tmp_path / "runs" / "found" / "config.json").read_text())
+    assert found["backbones"] == sorted(config["backbones"]) and found["config"]["backbones"] == ",".join(
+        sorted(specs, key=lambda spec: store_name(spec)))
 
 
 def test_bad_weights_and_folders_are_refused_before_anything_is_written(tiny_models, tiny_data, tmp_path):
