@@ -27,12 +27,12 @@ from transformers import AutoTokenizer, BertConfig, BertModel, BertTokenizer, Bl
 from data.errors import PipelineError
 from extract.augment import TrainView
 from extract.backbones import register
-from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized, named, weights_flag
-from extract.backbones.blip import PROCESSOR_FILES, tiny_vocabulary
+from extract.backbones.base import BackboneOptions, Tokenized, named, weights_flag
+from extract.backbones.blip import PROCESSOR_FILES, TwoTowers, tiny_vocabulary
 from extract.backbones.blip_pth import is_pth
 from extract.backbones.key_map import Rule, apply_rules, ignore, load_mapped, read_state_dict, tensor
 from extract.backbones.lavis_vit import HEAD_WIDTH, LAVIS_VIT_EPS, TRAINING_ONLY, VIT_RULES, layer_count, vit_config
-from extract.backbones.text import albef_tokenize
+from extract.backbones.text import albef_tokenize, check_vocabulary
 from extract.backbones.weights import hf_snapshot
 
 log = logging.getLogger("pipeline.extract")
@@ -100,7 +100,7 @@ def eval_transform(size: int):
                       T.Normalize(OPENAI_MEAN, OPENAI_STD)])
 
 
-class Albef(Backbone):
+class Albef(TwoTowers):
     def __init__(self, name: str, model: AlbefRetrieval, tokenizer, checkpoint: str, token_types: bool,
                  processor_ref: str | None = None, flag: str = "--checkpoint"):
         self.name, self.module, self.tokenizer, self.checkpoint = name, model.eval(), tokenizer, checkpoint
@@ -108,15 +108,8 @@ class Albef(Backbone):
         vc = model.vision_model.config
         self.image_size, self._grid = vc.image_size, vc.image_size // vc.patch_size
         self.max_length = min(MAX_TEXT_TOKENS, model.text_encoder.config.max_position_embeddings)
-        vocab = model.text_encoder.config.vocab_size
-        if len(tokenizer) > vocab:
-            where = f"--processor {processor_ref}" if processor_ref else named(flag, checkpoint)
-            raise PipelineError(f"{where}: the tokenizer has {len(tokenizer)} tokens, the model's text embeddings "
-                                f"{vocab}")
-
-    @property
-    def patch_grid(self) -> int:
-        return self._grid
+        check_vocabulary(tokenizer, model.text_encoder.config.vocab_size,
+                         f"--processor {processor_ref}" if processor_ref else named(flag, checkpoint))
 
     def eval_transform(self):
         return eval_transform(self.image_size)
@@ -127,17 +120,6 @@ class Albef(Backbone):
 
     def tokenize(self, captions: list[str]) -> Tokenized:
         return albef_tokenize(self.tokenizer, captions, self.max_length)
-
-    def encode_images(self, pixels: torch.Tensor) -> Encoded:
-        tokens = self.module.vision_model(pixel_values=pixels).last_hidden_state  # after the final norm, CLS first
-        if tokens.shape[1] != self._grid ** 2 + 1:  # a wrong image size passes silently with fewer tokens
-            raise PipelineError(f"{self.name}: got {tokens.shape[1]} vision tokens, expected {self._grid ** 2 + 1}")
-        return Encoded(self.module.vision_proj(tokens[:, 0]), tokens)
-
-    def encode_texts(self, inputs: dict[str, torch.Tensor]) -> Encoded:
-        states = self.module.text_encoder(input_ids=inputs["input_ids"],
-                                          attention_mask=inputs["attention_mask"]).last_hidden_state
-        return Encoded(self.module.text_proj(states[:, 0]), states, inputs["attention_mask"].sum(1))
 
     def describe(self) -> dict:
         text = self.module.text_encoder.config

@@ -20,7 +20,7 @@ from extract.backbones import register
 from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized, named, weights_flag
 from extract.backbones.blip_pth import is_pth, load_blip_pth
 from extract.backbones.lavis_vit import LAVIS_VIT_EPS, set_layer_norm_eps
-from extract.backbones.text import bert_tokenize
+from extract.backbones.text import bert_tokenize, check_vocabulary
 from extract.backbones.weights import hf_snapshot, load_hf_model
 
 log = logging.getLogger("pipeline.extract")
@@ -44,7 +44,32 @@ def processor_train_view(processor, image_size: int, magnitude: float | None) ->
                                                                                    processor.image_std)]))
 
 
-class Blip(Backbone):
+class TwoTowers(Backbone):
+    """BLIP's and ALBEF's retrieval shape: ``module.vision_model`` (a ViT: CLS and a square grid of ``_grid`` patches
+    per side), ``module.text_encoder`` (a BERT read in text-only mode), ``vision_proj`` / ``text_proj`` of the first
+    token; nodes are every token state."""
+
+    _grid: int
+
+    @property
+    def patch_grid(self) -> int:
+        return self._grid
+
+    def encode_images(self, pixels: torch.Tensor) -> Encoded:
+        # last_hidden_state (after the final ViT norm), CLS first; not pooler_output, which norms twice.
+        tokens = self.module.vision_model(pixel_values=pixels).last_hidden_state
+        if tokens.shape[1] != self._grid ** 2 + 1:  # a wrong image size passes silently with fewer tokens
+            raise PipelineError(f"{self.name}: got {tokens.shape[1]} vision tokens, expected {self._grid ** 2 + 1}")
+        return Encoded(self.module.vision_proj(tokens[:, 0]), tokens)
+
+    def encode_texts(self, inputs: dict[str, torch.Tensor]) -> Encoded:
+        # Text-only (bidirectional) mode: no encoder states.
+        states = self.module.text_encoder(input_ids=inputs["input_ids"],
+                                          attention_mask=inputs["attention_mask"]).last_hidden_state
+        return Encoded(self.module.text_proj(states[:, 0]), states, inputs["attention_mask"].sum(1))
+
+
+class Blip(TwoTowers):
     """``vision_eps``: the eps every vision LayerNorm computes with (None: the config's); ``processor_ref``: where the
     tokenizer and image processor came from, when not from the weights' folder."""
 
@@ -63,13 +88,7 @@ class Blip(Backbone):
         size = processor.size
         if (size.get("height"), size.get("width")) != (vc.image_size, vc.image_size):
             raise PipelineError(f"{where}: the image processor resizes to {size}, the model expects {vc.image_size} px")
-        if len(tokenizer) > model.config.text_config.vocab_size:
-            raise PipelineError(f"{where}: the tokenizer has {len(tokenizer)} tokens, the model's text embeddings "
-                                f"{model.config.text_config.vocab_size}")
-
-    @property
-    def patch_grid(self) -> int:
-        return self._grid
+        check_vocabulary(tokenizer, model.config.text_config.vocab_size, where)
 
     def eval_transform(self):
         return PixelTransform(self.processor)
@@ -80,19 +99,6 @@ class Blip(Backbone):
 
     def tokenize(self, captions: list[str]) -> Tokenized:
         return bert_tokenize(self.tokenizer, captions, self.max_length)
-
-    def encode_images(self, pixels: torch.Tensor) -> Encoded:
-        # last_hidden_state (after the final ViT norm), CLS first; not pooler_output, which norms twice.
-        tokens = self.module.vision_model(pixel_values=pixels).last_hidden_state
-        if tokens.shape[1] != self._grid ** 2 + 1:  # a wrong image size passes silently with fewer tokens
-            raise PipelineError(f"{self.name}: got {tokens.shape[1]} vision tokens, expected {self._grid ** 2 + 1}")
-        return Encoded(self.module.vision_proj(tokens[:, 0]), tokens)
-
-    def encode_texts(self, inputs: dict[str, torch.Tensor]) -> Encoded:
-        # Text-only (bidirectional) mode: no encoder states.
-        states = self.module.text_encoder(input_ids=inputs["input_ids"],
-                                          attention_mask=inputs["attention_mask"]).last_hidden_state
-        return Encoded(self.module.text_proj(states[:, 0]), states, inputs["attention_mask"].sum(1))
 
     def describe(self) -> dict:
         cfg = self.module.config

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+from data.errors import PipelineError
+
 _BLIP_PUNCT = re.compile(r"([.!\"()*#:;~])")
 _ALBEF_PUNCT = re.compile(r"([,.'!?\"()*#:;~])")
 
@@ -23,6 +25,12 @@ def albef_clean(caption: str, max_words: int = 30) -> str:
     spaces, ``<person>`` to ``person``, collapse spaces, at most 30 words."""
     text = _ALBEF_PUNCT.sub("", caption.lower()).replace("-", " ").replace("/", " ").replace("<person>", "person")
     return _words(text, max_words)
+
+
+def check_vocabulary(tokenizer, rows: int, where: str) -> None:
+    """Refuse a tokenizer with more tokens than the model has text embeddings (``where`` names its source)."""
+    if len(tokenizer) > rows:
+        raise PipelineError(f"{where}: the tokenizer has {len(tokenizer)} tokens, the model's text embeddings {rows}")
 
 
 def _packed(ids: list[list[int]], pad_id: int, truncated: int):
