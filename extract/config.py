@@ -50,6 +50,8 @@ class ExtractConfig:
     address: str | None = opt(None, "dask scheduler address for --scheduler distributed (tcp://host:port)")
     views: int = opt(0, "augmented views stored per training image beside the clean one (train split only; "
                                "at most 127: the store's view index is int8)", min=0, max=127)
+    # On extract, not score: the caption set is the split index, which every later stage shares (and the reference
+    # bug makes a caption's fused embedding depend on its batch neighbours, so it must be set before encoding).
     captions_per_image: int | None = opt(None, "keep only the first K captions of each val and test image, as the "
                                                "reference evaluates with 5 (COCO's test split: 25,000 of 25,010); "
                                                "train keeps every caption, as the reference trains", min=1)
