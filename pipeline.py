@@ -135,11 +135,15 @@ def fuse(ctx, **options) -> None:
               help="the second stage's weighted score (default: when the checkpoint's weight_1 is a tensor)")
 @click.option("--reference-bug/--no-reference-bug", default=True, show_default=True,
               help="encode with the reference's forward bug, as the published checkpoints were trained")
-def import_hada_command(checkpoint, dataset, backbones, run, cache, runs, weighted, reference_bug) -> None:
+@click.option("--strict", is_flag=True,
+              help="refuse features that differ from the reference's (other weights, precision or captions) "
+                   "instead of recording them in the run and its score tables")
+def import_hada_command(checkpoint, dataset, backbones, run, cache, runs, weighted, reference_bug, strict) -> None:
     """Import a HADA-LAVIS checkpoint (best.pth.tar) as a run: `pipeline score --run NAME` then scores it."""
     from fuse.hada_import import import_hada
 
-    run_dir = run_stage(import_hada, checkpoint, dataset, backbones, run, cache, runs, weighted, reference_bug)
+    run_dir = run_stage(import_hada, checkpoint, dataset, backbones, run, cache, runs, weighted, reference_bug,
+                        strict)
     click.echo(f"{run_dir}: imported {checkpoint}; score it with `pipeline score --dataset {dataset} --run {run}`")
 
 
@@ -196,7 +200,11 @@ def _score(cfg: ScoreConfig) -> dict:
         for split in dict.fromkeys([cfg.split, "val"] + (["train"] if cfg.rerank else [])):
             if split == cfg.split or cached_for(cfg, split, names):  # a split that is not cached is skipped
                 fused[split] = encode_run(Path(cfg.runs) / run, split, cfg.cache, cfg.device, cfg.memory_gb)
-        return {**run_score(cfg, names, run, fused), "fusion": run_summary(Path(cfg.runs) / run)}
+        summary = run_summary(Path(cfg.runs) / run)
+        result = run_score(cfg, names, run, fused)
+        if summary["provenance"]:  # an imported run scored on features the reference did not make
+            result["notes"]["hada"] = summary["provenance"]
+        return {**result, "fusion": summary}
     return run_score(cfg, names, run, fused)
 
 

@@ -11,6 +11,15 @@ from data.index import SplitIndex
 
 # The splits a dataset defines, in the order they are extracted; "all" is every image of the file, whatever its split.
 SPLITS = ("train", "val", "test", "all")
+EVAL_SPLITS = ("val", "test")  # where --captions-per-image applies: the reference trains on every caption
+# Names of the two datasets the published checkpoints were fine-tuned on (lower-case), by family.
+FAMILIES = {"flickr30k": ("flickr30k", "flickr", "f30k"), "coco": ("coco", "mscoco", "coco_karpathy", "coco_retrieval")}
+
+
+def dataset_family(name: str | None) -> str | None:
+    """``flickr30k`` or ``coco`` for a dataset named as one of them (see FAMILIES), else None."""
+    name = (name or "").lower()
+    return next((family for family, names in FAMILIES.items() if name in names), None)
 
 
 @dataclass(frozen=True)
@@ -119,8 +128,17 @@ def read_lavis(path: Path) -> list[tuple[str, list[str]]]:
     return [(img, _check_captions(caps, img, path)) for img, caps in grouped.items()]
 
 
-def load_splits(spec: DatasetSpec, splits: list[str] | None = None) -> dict[str, SplitIndex]:
-    """Read splits of a dataset into their indexes (one read of the annotations); None: every split it defines."""
+def first_captions(samples: list[tuple[str, list[str]]], k: int) -> list[tuple[str, list[str]]]:
+    """Each image with its first ``k`` captions (the reference evaluates with 5: COCO's test split then has 25,000)."""
+    return [(image, captions[:k]) for image, captions in samples]
+
+
+def load_splits(spec: DatasetSpec, splits: list[str] | None = None,
+                captions_per_image: int | None = None) -> dict[str, SplitIndex]:
+    """Read splits of a dataset into their indexes (one read of the annotations); None: every split it defines.
+
+    ``captions_per_image``: keep only the first K captions of each image of the val and test splits.
+    """
     for split in splits or ():
         if split not in SPLITS:
             raise PipelineError(f"unknown --split {split!r}: choose one of {', '.join(SPLITS)}")
@@ -135,9 +153,12 @@ def load_splits(spec: DatasetSpec, splits: list[str] | None = None) -> dict[str,
             raise PipelineError(f"{spec.annotations}: no images in split {split!r}")
     if not samples:
         raise PipelineError(f"{spec.annotations}: no images in any of the splits {', '.join(SPLITS[:-1])}")
+    if captions_per_image:
+        samples = {split: first_captions(rows, captions_per_image) if split in EVAL_SPLITS else rows
+                   for split, rows in samples.items()}
     return {split: SplitIndex.from_samples(spec.name, split, rows) for split, rows in samples.items()}
 
 
-def load_split(spec: DatasetSpec, split: str) -> SplitIndex:
+def load_split(spec: DatasetSpec, split: str, captions_per_image: int | None = None) -> SplitIndex:
     """Read one split of a dataset into its index."""
-    return load_splits(spec, [split])[split]
+    return load_splits(spec, [split], captions_per_image)[split]

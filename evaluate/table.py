@@ -42,7 +42,8 @@ def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def write_scores(json_path: str | os.PathLike, dataset: str, split: str, run: str,
                  rows: Sequence[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> Path:
-    """Write {dataset, split, run, rows, **extra} to json_path and the markdown table beside it (.md), atomically."""
+    """Write {dataset, split, run, rows, **extra} to json_path and the markdown table beside it (.md, with the
+    notes that are sentences under it), atomically."""
     json_path = Path(json_path)
     doc = {"dataset": dataset, "split": split, "run": run, "rows": [_row(r) for r in rows]}
     for key, value in (extra or {}).items():
@@ -50,5 +51,8 @@ def write_scores(json_path: str | os.PathLike, dataset: str, split: str, run: st
             raise ValueError(f"extra key {key!r} would overwrite a fixed key")
         doc[key] = value
     write_json(json_path, doc)
-    write_text(json_path.with_suffix(".md"), f"# {dataset} {split}: {run}\n\n" + format_markdown(rows))
+    notes = doc.get("notes") if isinstance(doc.get("notes"), dict) else {}
+    notes = {k: v for k, v in notes.items() if isinstance(v, str)}  # the caveats, under the table
+    write_text(json_path.with_suffix(".md"), f"# {dataset} {split}: {run}\n\n" + format_markdown(rows)
+               + "".join(f"\n{key}: {note}\n" for key, note in notes.items()))
     return json_path

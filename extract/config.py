@@ -13,7 +13,8 @@ DEFAULT_SHARD_SIZE = 4096
 
 @dataclass(frozen=True)
 class ExtractConfig:
-    backbone: str = opt(None, "backbone spec, or several comma-separated: blip, clip, blip2[@HF id or folder], "
+    backbone: str = opt(None, "backbone spec, or several comma-separated: blip[@HF id, folder or .pth], clip, "
+                              "blip2[@HF id or folder], albef@<.pth>, "
                               "open_clip:<model>[@tag, file, folder or hf-hub:id], or a tiny test backbone "
                               "(see `pipeline backbones`)", required=True)
     dataset: str | None = opt(None, "dataset folder name under --data-root (default: the only one there), "
@@ -25,8 +26,13 @@ class ExtractConfig:
     annotations: str | None = opt(None, "a LAVIS/ALBEF or Karpathy annotation file instead of the data-root layout")
     images: str | None = opt(None, "image folder the --annotations paths are relative to")
     checkpoint: str | None = opt(None, "where the weights are read from (overrides the spec's @weights; the "
-                                       "store keeps the spec's name): HF id or folder (BLIP, BLIP-2); tag, file, "
+                                       "store keeps the spec's name): HF id or folder (BLIP, BLIP-2), a LAVIS/BLIP "
+                                       "retrieval .pth (BLIP), an ALBEF/LAVIS retrieval .pth (ALBEF); tag, file, "
                                        "folder or hf-hub:id (open_clip)")
+    processor: str | None = opt(None, "tokenizer (and image processor) for weights that hold none, a .pth: a "
+                                      "transformers folder or HF id, looked up locally as weights are (default: "
+                                      "the dataset's Salesforce/blip-itm-base-* for blip, bert-base-uncased for "
+                                      "albef)")
     model: str | None = opt(None, "open_clip model name for the `clip` store (default ViT-L-14-336-quickgelu); "
                                   "prefer --backbone open_clip:<model>, which gets its own store")
     clip_tokens: bool = opt(False, "store an open_clip ViT's projected patch tokens (CLIP, SigLIP, EVA) as graph "
@@ -44,6 +50,11 @@ class ExtractConfig:
     address: str | None = opt(None, "dask scheduler address for --scheduler distributed (tcp://host:port)")
     views: int = opt(0, "augmented views stored per training image beside the clean one (train split only; "
                                "at most 127: the store's view index is int8)", min=0, max=127)
+    # On extract, not score: the caption set is the split index, which every later stage shares (and the reference
+    # bug makes a caption's fused embedding depend on its batch neighbours, so it must be set before encoding).
+    captions_per_image: int | None = opt(None, "keep only the first K captions of each val and test image, as the "
+                                               "reference evaluates with 5 (COCO's test split: 25,000 of 25,010); "
+                                               "train keeps every caption, as the reference trains", min=1)
     token_pool: int = opt(1, "average-pool the patch-token grid by this factor (2: 24x24 -> 12x12)", min=1)
     seed: int = opt(0, "seed of the augmented views", min=0, max=2**31 - 1)
     dry_run: bool = opt(False, "print the plan and the disk space it will take, then stop")
@@ -63,7 +74,7 @@ class ExtractConfig:
 
         dataset = {"dataset": self.dataset} if self.dataset else {}  # picks BLIP's fine-tuned default weights
         return BackboneOptions(checkpoint=self.checkpoint, model=self.model, tokens=self.clip_tokens,
-                               download=self.download, **dataset)
+                               download=self.download, processor=self.processor, **dataset)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -53,13 +53,17 @@ def plan_runs(cfg: ExtractConfig) -> list[tuple[ExtractConfig, SplitIndex]]:
         if value and len(names) > 1:
             raise PipelineError(f"{flag} {value!r} would apply to every one of {', '.join(names)}: extract them one "
                                 f"at a time, or name each one's weights in its spec (e.g. blip@FOLDER)")
-    for name in names:
-        check(name, cfg.model)
+    families = {name: check(name, cfg.model)[1] for name in names}
+    takers = [name for name, family in families.items() if family.processor]
+    if cfg.processor and len(takers) != 1:
+        raise PipelineError(f"--processor {cfg.processor!r} would apply to each of {', '.join(takers)}: extract "
+                            f"them one at a time" if takers else f"--processor applies to blip and albef (weights "
+                            f"that hold no tokenizer), not to {', '.join(names)}")
     check_config(cfg)
     dataset = dataset_in_data_root(cfg.data_root, cfg.dataset)
     spec = resolve(dataset, cfg.data_root, cfg.annotations, cfg.images)
     check_image_root(spec, cfg)
-    indexes = load_splits(spec, [cfg.split] if cfg.split else None)
+    indexes = load_splits(spec, [cfg.split] if cfg.split else None, cfg.captions_per_image)
     return [(replace(cfg, backbone=name, dataset=dataset, split=split, views=cfg.views if split == "train" else 0),
              index) for name in names for split, index in indexes.items()]
 
@@ -198,7 +202,7 @@ def run_extract(cfg: ExtractConfig, index: SplitIndex | None = None) -> dict:
     check_config(cfg)
     spec = resolve(cfg.dataset, cfg.data_root, cfg.annotations, cfg.images)
     check_image_root(spec, cfg)
-    index = index if index is not None else load_split(spec, cfg.split)
+    index = index if index is not None else load_split(spec, cfg.split, cfg.captions_per_image)
     log.info("split %s (index version %s)", index.describe(), index.version)
     backbone = load(cfg.backbone, cfg.backbone_options(), pick_device(cfg.device))  # weights first: fails fast
     check_backbone_options(cfg, backbone)

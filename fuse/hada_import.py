@@ -4,8 +4,10 @@ The reference saves ``{"img_encoder", "cap_encoder", "discriminator", "temp_para
 "best_loss"}``; each encoder is ``Models.MH`` -> ``EnLiFu`` (keys ``enc.gcn.trans_{1,2}.linear.0.*``,
 ``enc.gcn.gcn.conv.0.*`` (a PyG GATv2Conv), ``enc.gcn.gcn.conv_lin.0.linear.0.*``, ``enc.lin.linear.0.*``) and
 the discriminator ``disc.linear.0.*``. Widths and heads are read off the tensors; the run's stores must have the
-matching node and embedding widths. The published checkpoints were trained with the reference's forward bug,
-so ``--reference-bug`` is the default here.
+matching node and embedding widths, and features made as the reference made them (fuse/provenance.py): a node layout
+it never produced is refused, other weights, precision or captions are recorded in the run (and refused with
+``--strict``). The published checkpoints were trained with the reference's forward bug, so ``--reference-bug`` is the
+default here.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from data.backbone_spec import parse_specs
 from data.errors import PipelineError
 from data.store import check_settings
 from data.torch_files import load_pt
-from fuse import checkpoint
+from fuse import checkpoint, provenance
 from fuse.config import FuseConfig, ModelConfig
 from fuse.data import open_stores, store_dims
 from fuse.model import build_model
@@ -98,7 +100,7 @@ def infer_dims(weights: dict) -> dict:
 
 
 def import_hada(path: str, dataset: str, backbones: str, run: str, cache: str = "cache", runs: str = "runs",
-                weighted: bool | None = None, reference_bug: bool = True) -> Path:
+                weighted: bool | None = None, reference_bug: bool = True, strict: bool = False) -> Path:
     """Write ``<runs>/<run>/`` (config.json, best.pt) from a HADA-LAVIS checkpoint; nothing is written on error."""
     names = [spec.store_name for spec in parse_specs(backbones)]  # as `pipeline fuse` names them
     if len(names) != 2:
@@ -114,7 +116,7 @@ def import_hada(path: str, dataset: str, backbones: str, run: str, cache: str = 
     model_cfg = ModelConfig(width=dims["width"], heads=dims["heads"], embed_dim=dims["embed_dim"],
                             weighted=weighted, reference_bug=reference_bug)
     cfg = FuseConfig(dataset=dataset, backbones=",".join(names), cache=cache, runs=runs, run=run, model=model_cfg)
-    stored, versions, settings = {}, {}, {}
+    stored, versions, settings, facts, most_captions = {}, {}, {}, [], 0
     for split in ("val", "test"):  # the dims and settings of the cached eval splits (the same for both)
         try:
             index, stores = open_stores(cache, dataset, split, names)
@@ -126,6 +128,8 @@ def import_hada(path: str, dataset: str, backbones: str, run: str, cache: str = 
             if name in settings:
                 check_settings(settings[name], store, name, split, "val")
             settings[name] = store.settings()
+        facts.append([provenance.store_facts(n, s) for n, s in zip(names, stores)])
+        most_captions = max(most_captions, int(np.diff(index.caption_offsets).max(initial=0)))
     if not stored:
         raise PipelineError(f"no val or test split of {dataset!r} is cached for {', '.join(names)} in {cache}: "
                             f"run `pipeline extract` first")
@@ -140,6 +144,7 @@ def import_hada(path: str, dataset: str, backbones: str, run: str, cache: str = 
                             f"embeddings make {need}")
     if problems:
         raise PipelineError(f"{path} does not fit backbones {', '.join(names)}: " + "; ".join(problems))
+    caveats = provenance.check(facts, dataset, most_captions, strict)
     try:
         model = build_model(stored, cfg)
     except ValueError as e:
@@ -152,7 +157,9 @@ def import_hada(path: str, dataset: str, backbones: str, run: str, cache: str = 
              "bad_epochs": 0}
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.save(run_dir / "best.pt", saved)
-    checkpoint.write_config(run_dir, meta)
+    checkpoint.write_config(run_dir, {**meta, "provenance": caveats})
+    for caveat in caveats:
+        log.warning("%s: %s", provenance.LABEL, caveat)
     log.info("imported %s as run %s (width %d, %d heads, embed %d, weighted %s, reference bug %s)", path, run_dir,
              dims["width"], dims["heads"], dims["embed_dim"], weighted, reference_bug)
     return run_dir

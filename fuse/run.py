@@ -16,6 +16,7 @@ from fuse.config import FuseConfig
 from fuse.data import memory_budget_gb, open_stores, present_images
 from fuse.encode import encode_stores, eval_batch_size, write_fused
 from fuse.model import build_model, learned_scalars
+from fuse.provenance import LABEL
 from fuse.train import train
 
 log = logging.getLogger("pipeline.fuse")
@@ -35,12 +36,15 @@ def file_digest(path: Path) -> str:
 
 
 def run_summary(run_dir: Path) -> dict:
-    """What a score table records about a run: its config, backbones and best epoch."""
+    """What a score table records about a run: its config, backbones, best epoch, and for a run imported onto
+    features that differ from the reference's, how they differ (``provenance``, one line; else None)."""
     saved = checkpoint.read_config(Path(run_dir))
     best = checkpoint.load(Path(run_dir) / "best.pt", f"run {Path(run_dir).name!r}")
     learned = learned_scalars(best["model"], FuseConfig.from_dict(saved["config"]).model)
+    caveats = saved.get("provenance")
     return {"name": Path(run_dir).name, "backbones": saved["backbones"], "config": saved["config"],
-            "best_epoch": best["epoch"], "best_val_rsum": best["best_rsum"], "learned": learned}
+            "best_epoch": best["epoch"], "best_val_rsum": best["best_rsum"], "learned": learned,
+            "provenance": f"{LABEL}: " + "; ".join(caveats) if caveats else None}
 
 
 def check_run_stores(saved: dict, run: str, split: str, stores: list[FeatureStore]) -> None:

@@ -1,4 +1,6 @@
 """BLIP-2 (transformers Blip2ForImageTextRetrieval): Q-Former query nodes, the model's own ITC score, local weights."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -75,14 +77,23 @@ def test_backbone_row_scores_with_the_best_query(tiny_data, tmp_path):
 
 
 def test_local_folder_loads_like_the_tiny_preset_into_its_own_store(tiny_data, tmp_path):
+    """The same weights as blip2-tiny, read from a folder into their own store; `blip2` computes its vision norms
+    at LAVIS's eps, so the preset is compared at those."""
+    from extract.backbones.blip2 import Blip2, tiny_blip2
+    from extract.reader import load_rgb
+
     folder = save_tiny_blip2(tmp_path / "blip2-local")
     extract(tiny_data, tmp_path / "c", f"blip2@{folder}")
-    extract(tiny_data, tmp_path / "c", "blip2-tiny")
     assert (tmp_path / "c" / "toy" / "test" / "blip2@blip2-local" / "manifest.json").is_file()
     a, _ = load(tmp_path / "c", f"blip2@{folder}")
-    b, _ = load(tmp_path / "c", "blip2-tiny")
-    np.testing.assert_allclose(a.query_embeds, b.query_embeds, atol=1e-5)
-    np.testing.assert_allclose(a.embeds, b.embeds, atol=1e-5)
+    b = Blip2("preset", *tiny_blip2(), "random-init(seed=0)", lavis_eps=True)
+    index = load_split(resolve("toy", tiny_data), "test")
+    px = torch.stack([b.eval_transform()(load_rgb(tiny_data / "toy" / "images" / p)) for p in index.images])
+    with torch.inference_mode():
+        want = b.encode_images(px)
+    normalise = torch.nn.functional.normalize
+    np.testing.assert_allclose(a.query_embeds, normalise(want.queries, dim=-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(a.embeds, normalise(want.proj, dim=-1).numpy(), atol=1e-5)
 
 
 def test_another_architecture_or_mismatched_weights_are_refused(tiny_data, tmp_path):
@@ -128,3 +139,20 @@ def test_full_width_blip2_loads_from_a_local_folder(tiny_data, tmp_path, one_thr
     images, texts = load(tmp_path / "c", f"blip2@{folder}")
     assert set(np.diff(images.offsets)) == {33} and images.tokens.shape[1] == 768
     assert images.query_embeds.shape == (8, 32, 256) and texts.embeds.shape[1] == 256 and texts.tokens.shape[1] == 768
+
+
+def test_vision_layer_norms_compute_as_lavis_does(tmp_path):
+    """EVA ViT blocks at eps 1e-6 (LAVIS's create_eva_vit_g), the norm after it at torch's 1e-5 (LAVIS's ln_vision),
+    whatever the weights' config says; recorded in the store's settings."""
+    from extract.backbones import create
+
+    folder = save_tiny_blip2(tmp_path / "blip2-local")
+    config = json.loads((folder / "config.json").read_text())
+    config["vision_config"]["layer_norm_eps"] = 1e-3
+    (folder / "config.json").write_text(json.dumps(config))
+    b = create(f"blip2@{folder}")
+    vision = b.module.vision_model
+    blocks = {m.eps for m in vision.encoder.modules() if isinstance(m, torch.nn.LayerNorm)}
+    assert blocks == {1e-6} and vision.post_layernorm.eps == 1e-5
+    assert (b.describe()["vision_layer_norm_eps"], b.describe()["vision_post_layernorm_eps"]) == (1e-6, 1e-5)
+    assert "vision_layer_norm_eps" not in create("blip2-tiny").describe()  # the tiny test model keeps its config's

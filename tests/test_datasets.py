@@ -94,3 +94,31 @@ def test_index_roundtrip_and_version_mismatch(tmp_path):
     assert store_index(a, tmp_path) == path
     with pytest.raises(PipelineError, match="differs from the annotations"):
         store_index(b, tmp_path)
+
+
+def test_captions_per_image_keeps_the_first_k_of_val_and_test_images(tiny_data, tmp_path):
+    """5 to 7 captions per image: --captions-per-image 5 keeps each val/test image's first 5, in order, as the
+    reference evaluates; train keeps every caption, as the reference trains; the stores and index follow."""
+    from conftest import run_cli
+    from data.datasets import load_splits
+    from data.index import index_path
+    from data.store import FeatureStore
+
+    spec = resolve("toy", tiny_data)
+    full, kept = load_splits(spec), load_splits(spec, captions_per_image=5)
+    assert kept["train"].captions == full["train"].captions and max(np.bincount(full["train"].text_to_image)) > 5
+    for split in ("val", "test"):
+        want = tuple(c for caps in full[split].image_to_texts for c in [full[split].captions[j] for j in caps][:5])
+        assert kept[split].captions == want and set(np.bincount(kept[split].text_to_image)) == {5}
+        assert len(want) < len(full[split].captions) and kept[split].version != full[split].version
+    cache = tmp_path / "cache"
+    run_cli("extract", "--backbone", "blip-tiny", "--dataset", "toy", "--captions-per-image", 5, "--data-root",
+            tiny_data, "--cache", cache, "--workers", 0)
+    for split in ("train", "val", "test"):
+        assert SplitIndex.load(index_path(cache, "toy", split)).captions == kept[split].captions
+        assert len(FeatureStore.at(cache, "toy", split, "blip-tiny").load("texts", tokens=False)) == \
+            len(kept[split].captions)
+    # Another caption set is another index: a backbone extracted without the option is refused, not mixed in.
+    out = run_cli("extract", "--backbone", "clip-tiny", "--dataset", "toy", "--split", "test", "--data-root",
+                  tiny_data, "--cache", cache, "--workers", 0, expect=2).output
+    assert "differs from the annotations read now" in out

@@ -26,16 +26,17 @@ class Family:
     weights: bool = False  # the spec may name weights: family@weights (tiny random-init families may not)
     needs_weights: bool = False  # and must have them, there or from --checkpoint (no default weights)
     model_option: bool = False  # --model picks the architecture inside the family's one store (clip)
+    processor: bool = False  # --processor names its tokenizer / image processor (weights that hold none: a .pth)
 
 
 _REGISTRY: dict[str, Family] = {}
 
 
 def register(name: str, summary: str, model: bool = False, weights: bool = False, needs_weights: bool = False,
-             model_option: bool = False):
+             model_option: bool = False, processor: bool = False):
     """Decorator: make a factory available under the family ``name``."""
     def wrap(factory):
-        _REGISTRY[name] = Family(factory, summary, model, weights, needs_weights, model_option)
+        _REGISTRY[name] = Family(factory, summary, model, weights, needs_weights, model_option, processor)
         return factory
     return wrap
 
@@ -102,7 +103,7 @@ def _loaded(name: str, options: BackboneOptions, device: str) -> Backbone:
 
 def _load_families() -> None:
     # Imported on demand so that listing or importing the registry costs nothing until used.
-    from extract.backbones import blip, blip2, clip  # noqa: F401
+    from extract.backbones import albef, blip, blip2, clip  # noqa: F401
 
 
 __all__ = ["Backbone", "BackboneOptions", "Encoded", "Tokenized", "available", "check", "create", "families", "load",

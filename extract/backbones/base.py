@@ -19,6 +19,7 @@ class BackboneOptions:
     checkpoint: str | None = None  # --checkpoint: where the weights are read from (overrides `weights`)
     # the spec's @weights: HF id / folder (BLIP, BLIP-2); tag / file / folder / hf-hub:id (open_clip)
     weights: str | None = None
+    processor: str | None = None  # --processor: tokenizer / image processor for a .pth (HF id or folder)
     model: str | None = None  # open_clip architecture name (`clip --model`, or the model of an open_clip: spec)
     dataset: str = "coco"  # picks the fine-tuned default checkpoint where there is one
     tokens: bool = False  # token nodes for backbones that give only a global node by default (CLIP)
@@ -104,9 +105,9 @@ def named(flag: str, ref: str) -> str:
     return f"{flag}{ref}" if flag.endswith("@") else f"{flag} {ref}"
 
 
-def missing_weights(what: str, where: str, flag: str) -> PipelineError:
-    """The one message for weights that cannot be had offline."""
+def missing_weights(what: str, where: str, flag: str, kind: str = "weights") -> PipelineError:
+    """The one message for weights (or another ``kind`` of file) that cannot be had offline."""
     point = f"{flag}<folder> or --checkpoint" if flag.endswith("@") else flag
     return PipelineError(
-        f"weights {what} not found ({where}). Point {point} at a local copy, or pass --download "
+        f"{kind} {what} not found ({where}). Point {point} at a local copy, or pass --download "
         f"to fetch them (needs network access).")

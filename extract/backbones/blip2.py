@@ -7,6 +7,10 @@ max over q of cos(vision_projection(query_q), text_projection([CLS])); every que
 stored too (the shard's optional ``query_embeds``) so that the backbone-alone score is the model's own.
 Caption nodes are the Q-Former's text-only token states ([CLS] first). Image-only and text-only
 passes, as the model's ITC path; the ITM head is never used.
+
+`blip2` computes its vision LayerNorms as LAVIS does, whatever the weights' config says: the EVA ViT's blocks with
+eps 1e-6 (``create_eva_vit_g``), the norm after it (LAVIS's ``ln_vision``, transformers' ``post_layernorm``) with
+torch's default 1e-5.
 """
 from __future__ import annotations
 
@@ -19,19 +23,24 @@ from data.errors import PipelineError
 from extract.backbones import register
 from extract.backbones.base import Backbone, BackboneOptions, Encoded, Tokenized, named, weights_flag
 from extract.backbones.blip import PixelTransform, load_preprocessing, processor_train_view, tiny_vocabulary
+from extract.backbones.lavis_vit import LAVIS_VIT_EPS, set_layer_norm_eps
 from extract.backbones.text import bert_tokenize
 from extract.backbones.weights import hf_snapshot, load_hf_model
 
 # The COCO-finetuned retrieval model; the BLIP-2 paper also reports Flickr30k zero-shot with it.
 DEFAULT_CHECKPOINT = "Salesforce/blip2-itm-vit-g-coco"
 MAX_TEXT_TOKENS = 35  # LAVIS's BLIP-2 retrieval evaluation truncates captions to 35 tokens
+LN_VISION_EPS = 1e-5  # LAVIS's ln_vision after the EVA ViT: torch's default eps
 
 
 class Blip2(Backbone):
     def __init__(self, name: str, model: Blip2ForImageTextRetrieval, tokenizer, processor, checkpoint: str,
-                 flag: str = "--checkpoint"):
+                 flag: str = "--checkpoint", lavis_eps: bool = False):
         self.name, self.module, self.tokenizer, self.processor = name, model.eval(), tokenizer, processor
-        self.checkpoint = checkpoint
+        self.checkpoint, self.lavis_eps = checkpoint, lavis_eps
+        if lavis_eps:
+            set_layer_norm_eps(model.vision_model.encoder, LAVIS_VIT_EPS)
+            model.vision_model.post_layernorm.eps = LN_VISION_EPS
         vc = model.config.vision_config
         self.image_size = vc.image_size
         self.vision_rows = (vc.image_size // vc.patch_size) ** 2 + 1
@@ -90,6 +99,8 @@ class Blip2(Backbone):
                              f"captions BLIP-cleaned, max {self.max_length} tokens; image nodes: mean of the "
                              f"{self.num_queries} Q-Former queries, then each query",
             "transformers": transformers.__version__, "torch": torch.__version__,
+            **({"vision_layer_norm_eps": LAVIS_VIT_EPS, "vision_post_layernorm_eps": LN_VISION_EPS}
+               if self.lavis_eps else {}),
         }
 
 
@@ -100,7 +111,7 @@ def blip2(options: BackboneOptions) -> Blip2:
     flag = weights_flag("blip2", options)
     folder = hf_snapshot(ref, flag, options.download)
     model = load_hf_model(Blip2ForImageTextRetrieval, folder, ref, flag)
-    return Blip2("blip2", model, *load_preprocessing(folder, ref, flag), ref, flag)
+    return Blip2("blip2", model, *load_preprocessing(folder, ref, flag), ref, flag, lavis_eps=True)
 
 
 def tiny_blip2_config(vocab_size: int, pad_token_id: int) -> Blip2Config:

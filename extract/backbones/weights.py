@@ -11,8 +11,10 @@ from extract.backbones.base import missing_weights, named
 __all__ = ["hf_cached_file", "hf_snapshot", "load_hf_model"]
 
 
-def hf_snapshot(repo_id: str, flag: str, download: bool, allow_patterns: list[str] | None = None) -> str:
-    """A local folder for an HF repo id or path: an existing folder, the local HF cache, or (if allowed) a download."""
+def hf_snapshot(repo_id: str, flag: str, download: bool, allow_patterns: list[str] | None = None,
+                what: str = "weights") -> str:
+    """A local folder for an HF repo id or path: an existing folder, the local HF cache, or (if allowed) a download.
+    ``what`` the folder is wanted for names it in messages."""
     path = Path(repo_id).expanduser()
     if path.is_dir():
         return str(path)
@@ -24,9 +26,9 @@ def hf_snapshot(repo_id: str, flag: str, download: bool, allow_patterns: list[st
     try:
         return snapshot_download(repo_id, local_files_only=not download, allow_patterns=allow_patterns)
     except LocalEntryNotFoundError:
-        raise missing_weights(repo_id, "not in the local Hugging Face cache", flag) from None
+        raise missing_weights(repo_id, "not in the local Hugging Face cache", flag, what) from None
     except Exception as e:  # network errors, gated or missing repos: one clear line
-        raise PipelineError(f"weights {repo_id} could not be fetched: {type(e).__name__}: {e}") from None
+        raise PipelineError(f"{what} {repo_id} could not be fetched: {type(e).__name__}: {e}") from None
 
 
 def hf_cached_file(repo_id: str, filenames: tuple[str, ...]) -> str | None:
