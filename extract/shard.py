@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from data.device import pick_device
 from data.store import FeatureStore, shard_name, write_shard
@@ -38,15 +37,18 @@ class ShardResult:
     written: bool = False
 
 
-def run_shard(job: ShardJob, cfg, index, image_root: Path, attrs: dict, progress=None) -> ShardResult:
-    """Encode one shard's rows and write ``<store>/<name>``; a shard with bad images is not written."""
+def run_shard(job: ShardJob, cfg, index, images, attrs: dict, progress=None) -> ShardResult:
+    """Encode one shard's rows and write ``<store>/<name>``; a shard with bad images is not written.
+
+    ``images``: where the rows' images are read from (data/image_source.py).
+    """
     t0 = time.perf_counter()
     result = ShardResult(job)
     device = pick_device(cfg.device)
     backbone = load(cfg.backbone, cfg.backbone_options(), device)
     if job.kind == "images":
         rows = list(range(job.start, job.stop))
-        reader = ImageRows([image_root / index.images[r] for r in rows], rows, cfg.views, backbone.eval_transform(),
+        reader = ImageRows(images.refs(index, rows), rows, cfg.views, backbone.eval_transform(),
                            backbone.train_transform() if cfg.views else None, cfg.seed, backbone.name)
         data, result.bad = map_images(backbone, image_batches(reader, cfg.batch_size, cfg.workers), cfg, device,
                                       progress)
