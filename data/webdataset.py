@@ -20,9 +20,9 @@ from data.errors import PipelineError
 from data.image_source import TarMembers
 from data.progress import Progress
 from data.records import Collection, ReadOptions, Record
+from data.tables import CAPTION_COLUMNS
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode formats (and webdataset's jpeg)
-CAPTION_FIELDS = ("caption", "text", "txt", "sentence")  # a member extension, else a field of {key}.json
 SPLIT_FIELD = "split"
 COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
@@ -142,7 +142,8 @@ def read_webdataset(pattern: str, options: ReadOptions) -> Collection:
     """Records of every sample of the shards, in shard and member order; the split source holds tar offsets."""
     paths = shard_paths(pattern)
     image_exts = (options.image_column,) if options.image_column else IMAGE_EXTENSIONS
-    caption_fields = (options.caption_column,) if options.caption_column else CAPTION_FIELDS
+    # a member extension, else a field of {key}.json: img2dataset's .txt member, or its .json's caption field
+    caption_fields = (options.caption_column,) if options.caption_column else CAPTION_COLUMNS
 
     def records():
         seen: dict[str, Path] = {}

@@ -8,6 +8,8 @@ from data.datasets import SPLITS
 from data.device import PRECISIONS
 from data.options import opt
 from data.records import ReadOptions, parse_holdout
+from data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS
+from data.webdataset import IMAGE_EXTENSIONS
 
 DEFAULT_SHARD_SIZE = 4096
 
@@ -30,12 +32,13 @@ class ExtractConfig:
     webdataset: str | None = opt(None, "webdataset tar shards as img2dataset writes them ({key}.jpg|png|webp with "
                                        "{key}.txt and/or {key}.json), uncompressed: a path, glob or brace pattern "
                                        "(shards/{00000..00127}.tar)")
-    image_column: str | None = opt(None, "captions table: the image column, paths or image bytes (default: the first "
-                                         "of image, filepath, file_name, path, jpg present); --webdataset: the image "
-                                         "member's extension (default: the first of jpg, jpeg, png, webp present)")
-    caption_column: str | None = opt(None, "captions table: the caption column, one caption or a list per row "
-                                           "(default: the first of caption, text, txt, sentence present); "
-                                           "--webdataset: a member extension or a field of {key}.json (same default)")
+    image_column: str | None = opt(None, f"captions table: the image column, paths or image bytes (default: the first "
+                                         f"of {', '.join(IMAGE_COLUMNS)} present); --webdataset: the image member's "
+                                         f"extension (default: the first of {', '.join(IMAGE_EXTENSIONS)} present)")
+    caption_column: str | None = opt(None, f"captions table: the caption column, one caption or a list per row "
+                                           f"(default: the first of {', '.join(CAPTION_COLUMNS)} present); "
+                                           f"--webdataset: a member extension or a field of {{key}}.json (same "
+                                           f"default)")
     holdout: str | None = opt(None, "split a collection that has no split column by a hash of each image's name: "
                                     "VAL,TEST fractions (e.g. 0.05,0.05), the rest is train")
     checkpoint: str | None = opt(None, "where the weights are read from (overrides the spec's @weights; the "

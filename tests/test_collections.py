@@ -367,3 +367,30 @@ def test_long_member_names_and_subfolders_are_read_at_their_offsets(collections,
     index = load_splits(resolve("x", webdataset=str(tmp_path / "long.tar")), ["all"])["all"]
     assert index.images == (f"{key}.png",) and index.captions == ("a caption",)
     assert index.source.refs(index, [0])[0].read() == data
+
+
+def test_parquet_bytes_extract_on_a_dask_cluster_like_in_process(collections, karpathy_cache, tmp_path):
+    """Shard jobs sent to a dask.distributed worker read their rows' bytes from the parquet's row groups."""
+    from distributed import LocalCluster
+
+    base, _, _ = collections
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster:
+        run_cli("extract", "--dataset", "mine", "--cache", tmp_path / "c", "--annotations", base / "hf.parquet",
+                *EXTRACT, "--scheduler", "distributed", "--address", cluster.scheduler_address)
+    want = FeatureStore.at(karpathy_cache, "toy", "test", "clip-tiny").load("images")
+    got = FeatureStore.at(tmp_path / "c", "mine", "test", "clip-tiny").load("images")
+    np.testing.assert_array_equal(got.embeds, want.embeds)
+
+
+def test_collection_flags_are_refused_where_they_do_not_apply(collections, tmp_path):
+    base, root, _ = collections
+    shards = base / "shards" / "*.tar"
+    common = ("extract", "--backbone", "clip-tiny", "--cache", tmp_path / "c")
+    out = run_cli(*common, "--webdataset", shards, expect=2).output
+    assert "--webdataset needs --dataset NAME" in out
+    out = run_cli(*common, "--dataset", "x", "--webdataset", shards, "--annotations", base / "toy.csv",
+                  expect=2).output
+    assert "--webdataset reads tar shards that hold their images and captions" in out
+    out = run_cli(*common, "--dataset", "toy", "--data-root", root, "--image-column", "jpg", "--holdout", "0.1,0.1",
+                  expect=2).output
+    assert "--image-column, --holdout: for captions tables" in out and "a Karpathy split file" in out
