@@ -66,8 +66,10 @@ def folder_records(rows: Iterator[tuple[str, dict]], image: str, caption: str, r
 
 
 def _csv_rows(path: Path, delimiter: str) -> tuple[list[str], Iterator[tuple[str, dict]]]:
+    """CSV as Excel writes it (quoted fields); TSV unquoted, as tab-separated caption files are (a caption may
+    begin with a quote)."""
     f = open(path, encoding="utf-8-sig", newline="")
-    reader = csv.DictReader(f, delimiter=delimiter)
+    reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
     header = list(reader.fieldnames or [])
 
     def rows():

@@ -254,7 +254,7 @@ def test_karpathy_empty_captions_follow_skip_bad_too(tmp_path):
 def test_splits_without_a_split_column(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
-    lines = ["image\tcaption"] + [f"img{i}.jpg\tcaption {i}" for i in range(400)]
+    lines = ["image\tcaption"] + [f"img{i}.jpg\tcaption {i}" for i in range(400)] + ['img0.jpg\t"a quote\ttab']
     (tmp_path / "c.tsv").write_text("\n".join(lines) + "\n")
 
     def splits(holdout=None, wanted=None):
@@ -263,7 +263,8 @@ def test_splits_without_a_split_column(tmp_path):
 
     with pytest.raises(PipelineError, match="has no split column: pass --split all .* or --holdout VAL,TEST"):
         splits()
-    assert len(splits(wanted=["all"])["all"].images) == 400
+    whole = splits(wanted=["all"])["all"]
+    assert len(whole.images) == 400 and whole.captions[:2] == ("caption 0", '"a quote')  # unquoted TSV
     assert len(splits(wanted=["test"])["test"].images) == 400  # taken whole as the split named, like a LAVIS file
     held = splits((0.1, 0.2))
     assert list(held) == ["train", "val", "test"]
