@@ -68,17 +68,22 @@ def folder_records(rows: Iterator[tuple[str, dict]], image: str, caption: str, r
 def _csv_rows(path: Path, delimiter: str) -> tuple[list[str], Iterator[tuple[str, dict]]]:
     """CSV as Excel writes it (quoted fields); TSV unquoted, as tab-separated caption files are (a caption may
     begin with a quote)."""
-    f = open(path, encoding="utf-8-sig", newline="")
-    reader = csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
-    header = list(reader.fieldnames or [])
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+
+    def reader(f):
+        return csv.DictReader(f, delimiter=delimiter, quoting=quoting)
+
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        header = list(reader(f).fieldnames or [])
 
     def rows():
-        with f:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            table = reader(f)
             try:
-                for row in reader:
-                    yield f"line {reader.line_num} of {path}", row
+                for row in table:
+                    yield f"line {table.line_num} of {path}", row
             except csv.Error as e:
-                raise PipelineError(f"line {reader.line_num} of {path}: not valid {path.suffix[1:].upper()}: {e}") \
+                raise PipelineError(f"line {table.line_num} of {path}: not valid {path.suffix[1:].upper()}: {e}") \
                     from None
     return header, rows()
 
@@ -96,8 +101,10 @@ def _jsonl_rows(path: Path) -> tuple[list[str], Iterator[tuple[str, dict]]]:
                 if not isinstance(row, dict):
                     raise PipelineError(f"line {n} of {path}: not a JSON object")
                 yield f"line {n} of {path}", row
-    first = next(rows(), None)
-    return (list(first[1]) if first else []), rows()
+    first = rows()
+    header = list(next(first, ("", {}))[1])
+    first.close()  # closes the file
+    return header, rows()
 
 
 def read_text_table(path: Path, fmt: str, root: Path | None, options: ReadOptions) -> Collection:
