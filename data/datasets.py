@@ -49,14 +49,13 @@ def resolve(dataset: str, data_root: str | Path = "datasets", annotations: str |
         shard_paths(webdataset)  # a pattern naming no file is refused here
         return DatasetSpec(dataset, webdataset, None, "webdataset", options)
     if annotations is not None:
+        fmt = TABLE_FORMATS.get(Path(annotations).suffix.lower())
+        if fmt is None and images is None:
+            raise PipelineError("--annotations needs --images DIR (the folder the annotation paths are relative to)")
         if not Path(annotations).is_file():
             raise PipelineError(f"--annotations {annotations}: no such file")
-        fmt = TABLE_FORMATS.get(Path(annotations).suffix.lower())
         if fmt is None:
             fmt = "karpathy" if _is_karpathy(Path(annotations)) else "lavis"
-            if images is None:
-                raise PipelineError("--annotations needs --images DIR (the folder the annotation paths are relative "
-                                    "to)")
             _no_collection_options(options, f"--annotations {annotations} (a {fmt} JSON file)")
         return DatasetSpec(dataset, Path(annotations), Path(images) if images is not None else None, fmt, options)
     if images is not None:
