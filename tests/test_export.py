@@ -118,3 +118,11 @@ def test_part_names_sort_in_row_order_and_image_folders():
     assert image_folder({"annotations": "a.parquet", "images": None}) is None
     assert image_folder({"annotations": "a.csv", "images": "imgs"}) == Path("imgs")
     assert image_folder({"dataset": "coco", "data_root": "d"}) == Path("d/coco/images")
+
+
+def test_export_sits_above_the_caches_and_below_nothing():
+    """export/ reads stores and runs (data/, fuse/, evaluate/), never a live backbone; no stage imports it."""
+    from tests.test_fuse_train import imported_top_level
+
+    assert not imported_top_level("export") & {"extract", "open_clip", "transformers"}
+    assert "export" not in set().union(*(imported_top_level(p) for p in ("data", "extract", "fuse", "evaluate")))
