@@ -12,6 +12,7 @@ import click
 from data.errors import PipelineError
 from data.options import flag, from_options, option_defaults, option_fields
 from evaluate.config import ScoreConfig
+from export.config import ExportConfig
 from extract.config import ExtractConfig
 from fuse.config import FuseConfig
 
@@ -206,6 +207,21 @@ def _score(cfg: ScoreConfig) -> dict:
             result["notes"]["hada"] = summary["provenance"]
         return {**result, "fusion": summary}
     return run_score(cfg, names, run, fused)
+
+
+@cli.command()
+@config_options(ExportConfig)
+def export(**options) -> None:
+    """Write a split's embeddings (--run: fused, --backbone: one backbone's) in clip-retrieval's layout."""
+    from data.discover import dataset_in_cache
+    from export.run import run_export
+
+    options["dataset"] = run_stage(dataset_in_cache, options["cache"], options["dataset"])
+    summary = run_stage(run_export, ExportConfig(**options))
+    click.echo(f"{summary['out']}: {summary['images']} images of {summary['dataset']}/{summary['split']} "
+               f"({summary['source']}; {summary['missing_images']} not in the store), {summary['dim']}-d "
+               f"{summary['dtype']}, L2-normalised, in {len(summary['parts'])} part(s): img_emb/, text_emb/ (each "
+               f"image's first caption), metadata/ (image_path, caption, row)")
 
 
 # The demo's fusion is narrower than HADA's defaults so that it trains in minutes on a 2-core CPU.

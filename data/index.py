@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +18,8 @@ class SplitIndex:
 
     ``text_to_image[j]`` is the image row of caption j; ``caption_offsets[i]:caption_offsets[i+1]``
     are image i's caption rows. Every stage refers to images and captions by these row numbers.
+    ``source`` (data/image_source.py) says where each row's image is read from: set by the dataset readers,
+    not part of the index's identity, not stored.
     """
 
     dataset: str
@@ -25,13 +27,15 @@ class SplitIndex:
     images: tuple[str, ...]
     captions: tuple[str, ...]
     text_to_image: np.ndarray
+    source: object = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def from_samples(cls, dataset: str, split: str, samples: list[tuple[str, list[str]]]) -> "SplitIndex":
+    def from_samples(cls, dataset: str, split: str, samples: list[tuple[str, list[str]]],
+                     source: object = None) -> "SplitIndex":
         images = tuple(path for path, _ in samples)
         captions = tuple(c for _, caps in samples for c in caps)
         t2i = np.repeat(np.arange(len(samples), dtype=np.int64), [len(caps) for _, caps in samples])
-        return cls(dataset, split, images, captions, t2i)
+        return cls(dataset, split, images, captions, t2i, source)
 
     @property
     def caption_offsets(self) -> np.ndarray:

@@ -330,5 +330,13 @@ class FeatureStore:
                 total += f["tokens"].size * 2 + f["embeds"].size * 4
         return total
 
+    def clean_image_ids(self) -> np.ndarray:
+        """Rows of the clean image views (view 0) in the store, in order, read without their features."""
+        ids = []
+        for path in self.shard_paths("images"):
+            with h5py.File(path, "r") as f:
+                ids.append(f["ids"][:][f["view"][:] == 0] if "view" in f else f["ids"][:])
+        return np.concatenate(ids) if ids else np.zeros(0, np.int64)
+
     def bad_images(self) -> list[int]:
         return [b["id"] for b in self.manifest().get("bad_images", [])]

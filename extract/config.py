@@ -7,6 +7,9 @@ from data.backbone_spec import store_name
 from data.datasets import SPLITS
 from data.device import PRECISIONS
 from data.options import opt
+from data.records import ReadOptions, parse_holdout
+from data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS
+from data.webdataset import IMAGE_EXTENSIONS
 
 DEFAULT_SHARD_SIZE = 4096
 
@@ -23,8 +26,22 @@ class ExtractConfig:
                             choices=SPLITS)
     data_root: str = opt("datasets", "folder holding <dataset>/dataset_<dataset>.json and <dataset>/images/")
     cache: str = opt("cache", "feature cache folder")
-    annotations: str | None = opt(None, "a LAVIS/ALBEF or Karpathy annotation file instead of the data-root layout")
-    images: str | None = opt(None, "image folder the --annotations paths are relative to")
+    annotations: str | None = opt(None, "an annotation file instead of the data-root layout: Karpathy or LAVIS/ALBEF "
+                                        "JSON, or a captions table (.csv, .tsv, .jsonl, .parquet)")
+    images: str | None = opt(None, "image folder the --annotations paths are relative to (not needed for absolute "
+                                   "paths, nor for a parquet that holds the images)")
+    webdataset: str | None = opt(None, "webdataset tar shards as img2dataset writes them ({key}.jpg|png|webp with "
+                                       "{key}.txt and/or {key}.json), uncompressed: a path, glob or brace pattern "
+                                       "(shards/{00000..00127}.tar)")
+    image_column: str | None = opt(None, f"captions table: the image column, paths or image bytes (default: the first "
+                                         f"of {', '.join(IMAGE_COLUMNS)} present); --webdataset: the image member's "
+                                         f"extension (default: the first of {', '.join(IMAGE_EXTENSIONS)} present)")
+    caption_column: str | None = opt(None, f"captions table: the caption column, one caption or a list per row "
+                                           f"(default: the first of {', '.join(CAPTION_COLUMNS)} present); "
+                                           f"--webdataset: a member extension or a field of {{key}}.json (same "
+                                           f"default)")
+    holdout: str | None = opt(None, "split a collection that has no split column by a hash of each image's name: "
+                                    "VAL,TEST fractions (e.g. 0.05,0.05), the rest is train")
     checkpoint: str | None = opt(None, "where the weights are read from (overrides the spec's @weights; the "
                                        "store keeps the spec's name): HF id or folder (BLIP, BLIP-2), a LAVIS/BLIP "
                                        "retrieval .pth (BLIP), an ALBEF/LAVIS retrieval .pth (ALBEF); tag, file, "
@@ -44,7 +61,8 @@ class ExtractConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     precision: str = opt("fp32", "inference precision", choices=PRECISIONS)
     workers: int = opt(2, "threads decoding and preprocessing images (0: in the thread that runs the shard)", min=0)
-    skip_bad: bool = opt(False, "exclude unreadable images (recorded in the manifest) instead of stopping")
+    skip_bad: bool = opt(False, "exclude unreadable images (recorded in the manifest) and empty captions (logged) "
+                                "instead of stopping")
     scheduler: str = opt("sync", "where shards run: in this process, threads, or a dask.distributed cluster",
                          choices=("sync", "threads", "distributed"))
     address: str | None = opt(None, "dask scheduler address for --scheduler distributed (tcp://host:port)")
@@ -75,6 +93,10 @@ class ExtractConfig:
         dataset = {"dataset": self.dataset} if self.dataset else {}  # picks BLIP's fine-tuned default weights
         return BackboneOptions(checkpoint=self.checkpoint, model=self.model, tokens=self.clip_tokens,
                                download=self.download, processor=self.processor, **dataset)
+
+    def reading(self) -> ReadOptions:
+        """How the dataset reader reads a captions table or webdataset shards."""
+        return ReadOptions(self.image_column, self.caption_column, parse_holdout(self.holdout), self.skip_bad)
 
     def to_dict(self) -> dict:
         return asdict(self)

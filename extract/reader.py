@@ -5,6 +5,7 @@ start children), and JPEG decoding, resizing and the tensor conversions release 
 """
 from __future__ import annotations
 
+import io
 import warnings
 import zlib
 from collections import deque
@@ -20,11 +21,25 @@ from PIL import Image, ImageFile
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-def load_rgb(path: Path) -> Image.Image:
-    """Decode fully (so truncated files fail here) and convert grayscale, CMYK, palette and alpha to RGB."""
+class NamedBytes(io.BytesIO):
+    """An image's bytes that PIL's errors name by where they came from, not by a memory address."""
+
+    def __init__(self, data: bytes, name: str):
+        super().__init__(data)
+        self.label = name
+
+    def __repr__(self) -> str:
+        return repr(self.label)
+
+
+def load_rgb(path) -> Image.Image:
+    """Decode fully (so truncated files fail here) and convert grayscale, CMYK, palette and alpha to RGB.
+
+    ``path``: a file, or an image held in a tar or parquet (``read()`` gives its bytes: data/image_source.py).
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:
+        with Image.open(path if isinstance(path, Path) else NamedBytes(path.read(), str(path))) as img:
             img.load()
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
@@ -47,7 +62,7 @@ class ImageRows:
     items can be decoded in any order, by any thread.
     """
 
-    def __init__(self, paths: list[Path], rows: list[int], views: int, eval_tf: Callable,
+    def __init__(self, paths: list, rows: list[int], views: int, eval_tf: Callable,
                  augment: Callable | None, seed: int = 0, backbone: str = ""):
         self.paths, self.rows, self.views = paths, rows, views
         self.eval_tf, self.augment, self.seed, self.backbone = eval_tf, augment, seed, backbone

@@ -11,6 +11,7 @@ from data.datasets import load_split, load_splits, resolve
 from data.device import pick_device
 from data.discover import dataset_in_data_root
 from data.errors import PipelineError
+from data.image_source import FolderImages
 from data.index import SplitIndex, store_index
 from data.progress import Progress
 from data.store import FeatureStore, read_shard_attrs, sample_bytes, shard_is_complete
@@ -35,8 +36,9 @@ def check_config(cfg: ExtractConfig) -> None:
     if cfg.address and cfg.scheduler != "distributed":
         raise PipelineError(f"--address {cfg.address} is for --scheduler distributed (now --scheduler "
                             f"{cfg.scheduler}): add --scheduler distributed, or leave --address out")
-    if cfg.annotations and not cfg.dataset:
-        raise PipelineError("--annotations needs --dataset NAME (the name of its folder in the cache)")
+    for flag, value in (("--annotations", cfg.annotations), ("--webdataset", cfg.webdataset)):
+        if value and not cfg.dataset:
+            raise PipelineError(f"{flag} needs --dataset NAME (the name of its folder in the cache)")
 
 
 def plan_runs(cfg: ExtractConfig) -> list[tuple[ExtractConfig, SplitIndex]]:
@@ -61,7 +63,7 @@ def plan_runs(cfg: ExtractConfig) -> list[tuple[ExtractConfig, SplitIndex]]:
                             f"that hold no tokenizer), not to {', '.join(names)}")
     check_config(cfg)
     dataset = dataset_in_data_root(cfg.data_root, cfg.dataset)
-    spec = resolve(dataset, cfg.data_root, cfg.annotations, cfg.images)
+    spec = resolve(dataset, cfg.data_root, cfg.annotations, cfg.images, cfg.webdataset, cfg.reading())
     check_image_root(spec, cfg)
     indexes = load_splits(spec, [cfg.split] if cfg.split else None, cfg.captions_per_image)
     return [(replace(cfg, backbone=name, dataset=dataset, split=split, views=cfg.views if split == "train" else 0),
@@ -69,8 +71,8 @@ def plan_runs(cfg: ExtractConfig) -> list[tuple[ExtractConfig, SplitIndex]]:
 
 
 def check_image_root(spec, cfg: ExtractConfig) -> None:
-    """Refuse an image folder that does not exist, before anything is written."""
-    if not spec.image_root.is_dir():
+    """Refuse an image folder that does not exist, before anything is written (None: images in the collection)."""
+    if spec.image_root is not None and not spec.image_root.is_dir():
         raise PipelineError(f"--images {cfg.images}: no such folder" if cfg.images else
                             f"{spec.image_root}: no such folder (the images of --dataset {spec.name} under "
                             f"--data-root {cfg.data_root})")
@@ -171,21 +173,24 @@ def human(n: float) -> str:
         n /= 1000
 
 
-def dispatch(jobs, cfg: ExtractConfig, index, image_root: Path, attrs: dict) -> list:
-    """Run shard jobs as dask tasks: in this process (sync, threads) or on an existing distributed cluster."""
+def dispatch(jobs, cfg: ExtractConfig, index, images, attrs: dict) -> list:
+    """Run shard jobs as dask tasks: in this process (sync, threads) or on an existing distributed cluster.
+
+    ``images``: the split's image source (data/image_source.py).
+    """
     import dask
 
     desc = f"{cfg.backbone} {cfg.split}"
     if cfg.scheduler in ("sync", "threads"):
         rows = sum((j.stop - j.start) * (1 + cfg.views if j.kind == "images" else 1) for j in jobs)
         with Progress(desc, rows, unit="row", logger=log.name) as progress:
-            tasks = [dask.delayed(run_shard, pure=False)(job, cfg, index, image_root, attrs, progress) for job in jobs]
+            tasks = [dask.delayed(run_shard, pure=False)(job, cfg, index, images, attrs, progress) for job in jobs]
             return list(dask.compute(*tasks, scheduler=cfg.scheduler))
     from distributed import Client, as_completed
 
     # Workers may run in other folders: give them absolute paths (the filesystem is shared).
     cfg = replace(cfg, cache=str(Path(cfg.cache).resolve()))
-    tasks = [dask.delayed(run_shard, pure=False)(job, cfg, index, image_root.resolve(), attrs) for job in jobs]
+    tasks = [dask.delayed(run_shard, pure=False)(job, cfg, index, images.resolve(), attrs) for job in jobs]
     try:
         client = Client(cfg.address, timeout=20)
     except (OSError, TimeoutError, ValueError) as e:
@@ -200,9 +205,10 @@ def dispatch(jobs, cfg: ExtractConfig, index, image_root: Path, attrs: dict) -> 
 def run_extract(cfg: ExtractConfig, index: SplitIndex | None = None) -> dict:
     """Extract one backbone over one split (``index``, read here if None) into its store; returns the summary."""
     check_config(cfg)
-    spec = resolve(cfg.dataset, cfg.data_root, cfg.annotations, cfg.images)
+    spec = resolve(cfg.dataset, cfg.data_root, cfg.annotations, cfg.images, cfg.webdataset, cfg.reading())
     check_image_root(spec, cfg)
     index = index if index is not None else load_split(spec, cfg.split, cfg.captions_per_image)
+    images = index.source or FolderImages(spec.image_root)
     log.info("split %s (index version %s)", index.describe(), index.version)
     backbone = load(cfg.backbone, cfg.backbone_options(), pick_device(cfg.device))  # weights first: fails fast
     check_backbone_options(cfg, backbone)
@@ -218,10 +224,10 @@ def run_extract(cfg: ExtractConfig, index: SplitIndex | None = None) -> dict:
 
     store_index(index, cfg.cache)
     with store.writing():  # one writer per store, for the whole write
-        return write_store(cfg, index, spec.image_root, backbone, store, fp, estimate)
+        return write_store(cfg, index, images, backbone, store, fp, estimate)
 
 
-def write_store(cfg: ExtractConfig, index: SplitIndex, image_root: Path, backbone, store: FeatureStore, fp: dict,
+def write_store(cfg: ExtractConfig, index: SplitIndex, images, backbone, store: FeatureStore, fp: dict,
                 estimate: dict) -> dict:
     """Claim the store (its lock held), run the shards that cannot be reused, and finish its manifest."""
     # The shard size is settled again under the lock: another writer may have started the store meanwhile.
@@ -233,7 +239,7 @@ def write_store(cfg: ExtractConfig, index: SplitIndex, image_root: Path, backbon
     log.info("%s: %d of %d shards to do, estimated %s on disk", store.root, len(todo), len(jobs),
              human(estimate["total"]))
     t0 = time.perf_counter()
-    results = dispatch(todo, cfg, index, image_root, attrs)
+    results = dispatch(todo, cfg, index, images, attrs)
     written = [read_shard_attrs(store.root / j.name) for j in jobs if (store.root / j.name).is_file()]
     # Every bad image of the run is named at once; shards holding one were not written (unless --skip-bad).
     bad = sorted({(i, e) for r in results for i, e in r.bad}
@@ -243,7 +249,7 @@ def write_store(cfg: ExtractConfig, index: SplitIndex, image_root: Path, backbon
             if j.kind == "images":
                 (store.root / j.name).unlink(missing_ok=True)
         raise PipelineError(f"all {len(index.images)} images of {index.dataset}/{index.split} are unreadable "
-                            f"(the first: {bad[0][1]}): is {image_root} their folder?")
+                            f"(the first: {bad[0][1]}): {images.hint()}")
     if bad and not cfg.skip_bad:
         raise PipelineError(bad_images_message(bad))
     manifest.update(

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from data.device import pick_device
 from data.errors import PipelineError
@@ -39,8 +38,11 @@ class ShardResult:
     written: bool = False
 
 
-def run_shard(job: ShardJob, cfg, index, image_root: Path, attrs: dict, progress=None) -> ShardResult:
-    """Encode one shard's rows and write ``<store>/<name>``; a shard with bad images is not written."""
+def run_shard(job: ShardJob, cfg, index, images, attrs: dict, progress=None) -> ShardResult:
+    """Encode one shard's rows and write ``<store>/<name>``; a shard with bad images is not written.
+
+    ``images``: where the rows' images are read from (data/image_source.py).
+    """
     t0 = time.perf_counter()
     result = ShardResult(job)
     device = pick_device(cfg.device)
@@ -48,15 +50,14 @@ def run_shard(job: ShardJob, cfg, index, image_root: Path, attrs: dict, progress
     try:
         if job.kind == "images":
             rows = list(range(job.start, job.stop))
-            reader = ImageRows([image_root / index.images[r] for r in rows], rows, cfg.views,
-                               backbone.eval_transform(), backbone.train_transform() if cfg.views else None, cfg.seed,
-                               backbone.name)
+            reader = ImageRows(images.refs(index, rows), rows, cfg.views, backbone.eval_transform(),
+                               backbone.train_transform() if cfg.views else None, cfg.seed, backbone.name)
             data, result.bad = map_images(backbone, image_batches(reader, cfg.batch_size, cfg.workers), cfg, device,
                                           progress)
         else:
             data, result.truncated = map_texts(backbone, index.captions, job.start, job.stop, cfg, device, progress)
     except NonFiniteFeatures as e:
-        raise PipelineError(nonfinite_message(cfg, index, image_root, job.kind, e.ids)) from None
+        raise PipelineError(nonfinite_message(cfg, index, images, job.kind, e.ids)) from None
     result.rows = len(data)
     if not result.bad or cfg.skip_bad:
         store = FeatureStore.at(cfg.cache, index.dataset, index.split, cfg.store)
@@ -68,10 +69,10 @@ def run_shard(job: ShardJob, cfg, index, image_root: Path, attrs: dict, progress
     return result
 
 
-def nonfinite_message(cfg, index, image_root: Path, kind: str, ids: list[int]) -> str:
+def nonfinite_message(cfg, index, images, kind: str, ids: list[int]) -> str:
     """Name the images or captions whose features are not finite; nothing of their shard was written."""
-    named = [str(image_root / index.images[i]) if kind == "images" else f"caption {i} {index.captions[i]!r}"
-             for i in ids]
+    named = [str(ref) for ref in images.refs(index, ids)] if kind == "images" else \
+        [f"caption {i} {index.captions[i]!r}" for i in ids]
     shown = "\n  ".join(named[:20]) + (f"\n  ... and {len(named) - 20} more" if len(named) > 20 else "")
     what = "image(s)" if kind == "images" else "caption(s)"
     return (f"{cfg.backbone} gave non-finite features (NaN or inf, or node features beyond float16's range of "

@@ -13,7 +13,7 @@ def reference_section() -> str:
     return README.split("## CLI reference", 1)[1].split("\n## ", 1)[0]
 
 
-@pytest.mark.parametrize("command", ["extract", "fuse", "score", "demo"])
+@pytest.mark.parametrize("command", ["extract", "fuse", "score", "export", "demo"])
 def test_cli_reference_matches_help(command):
     params = cli.commands[command].params
     flags = {next(o for o in p.opts if o.startswith("--")) for p in params if p.opts and p.name != "help"}
