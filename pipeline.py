@@ -15,6 +15,7 @@ from data.options import flag, from_options, option_defaults, option_fields
 from evaluate.config import ScoreConfig
 from extract.config import ExtractConfig
 from fuse.config import FuseConfig
+from search.config import SearchConfig
 
 
 def config_options(config_cls):
@@ -208,6 +209,22 @@ def _score(cfg: ScoreConfig) -> dict:
                     raise
         return {**run_score(cfg, names, run, fused), "fusion": run_summary(Path(cfg.runs) / run)}
     return run_score(cfg, names, run, fused)
+
+
+@cli.command()
+@click.argument("text", required=False)
+@config_options(SearchConfig)
+def search(text, **options) -> None:
+    """Search a cached split with a trained run: TEXT (or --image PATH) -> the top images (or captions)."""
+    from data.atomic import write_json
+    from search.run import format_results, run_search
+
+    cfg = run_stage(from_options, SearchConfig, options)
+    doc, meta = run_stage(run_search, cfg, text)
+    click.echo(format_results(doc, meta))
+    if cfg.json:
+        run_stage(write_json, cfg.json, doc)
+        click.echo(f"results: {cfg.json}")
 
 
 # The demo's fusion is narrower than HADA's defaults so that it trains in minutes on a 2-core CPU.
