@@ -180,6 +180,10 @@ def score(**options) -> None:
     if cfg.plot:
         run_stage(plot_recall_curves, result["curves"], cfg.plot, f"{cfg.dataset} {cfg.split}")
         click.echo(f"recall@K plot: {cfg.plot}")
+    if cfg.gallery:
+        from evaluate.gallery import gallery
+
+        click.echo(f"gallery: {run_stage(gallery, cfg, result)}")
 
 
 def _score(cfg: ScoreConfig) -> dict:
