@@ -116,8 +116,9 @@ def image_folder(cache: str, dataset: str, split: str, store: str, data_root: st
     return None
 
 
-def rank_text(rank: int) -> str:
-    return f"ground truth at rank {rank + 1}" if 0 <= rank < 1 << 40 else "ground truth not retrieved (absent)"
+def rank_text(rank: int, what: str) -> str:
+    """Where the score ranked the ground truth (``what``), 1-based; absent images never are."""
+    return f"{what} at rank {rank + 1}" if 0 <= rank < 1 << 40 else f"{what}: absent (not extracted)"
 
 
 def counts(ranks: dict, names: list[str]) -> list[dict]:
@@ -204,7 +205,7 @@ def write_gallery(path: str, result: dict, folder: Path | None, n: int, seed: in
                 f'<figure class="hit{" gt" if int(i) == truth else ""}" data-row="{int(i)}">'
                 f'{thumbnail(folder, index.images[int(i)], thumbs)}{r + 1}</figure>' for r, i in enumerate(m.t2i[q]))
             cells.append(f'<td class="method" data-method="{html.escape(m.name)}"><div class="hits">{figs}</div>'
-                         f'<div class="rank">{rank_text(int(ranks[m.name][1][cap]))}</div></td>')
+                         f'<div class="rank">{rank_text(int(ranks[m.name][1][cap]), "ground truth")}</div></td>')
         t2i_rows.append(
             f'<tr class="query" data-row="{int(cap)}" data-truth="{truth}"><td class="query">'
             f'{html.escape(index.captions[cap])}<div class="rank">ground truth: {html.escape(index.images[truth])}'
@@ -220,7 +221,7 @@ def write_gallery(path: str, result: dict, folder: Path | None, n: int, seed: in
                 f'<li class="hit{" gt" if int(index.text_to_image[c]) == img else ""}" data-row="{int(c)}">'
                 f'{html.escape(index.captions[int(c)])}</li>' for c in m.i2t[q])
             cells.append(f'<td class="method" data-method="{html.escape(m.name)}"><ol>{items}</ol>'
-                         f'<div class="rank">{rank_text(int(ranks[m.name][0][img]))}</div></td>')
+                         f'<div class="rank">{rank_text(int(ranks[m.name][0][img]), "first own caption")}</div></td>')
         i2t_rows.append(
             f'<tr class="query" data-row="{img}"><td class="query">{thumbnail(folder, index.images[img], thumbs)}'
             f'<div class="rank">{html.escape(index.images[img])}</div>{tags(ranks, others, 0, img)}</td>'
@@ -245,8 +246,8 @@ method's is wrong (fixes), and the reverse (breaks).</p>{random_note}
 </body></html>
 """
     write_text(path, page)
-    log.info("gallery of %d + %d queries (%d thumbnails embedded) written to %s", len(captions), len(images),
-             len(thumbs), path)
+    log.info("gallery of %d + %d queries (%d images embedded) written to %s", len(captions), len(images),
+             sum(t.startswith("<img") for t in thumbs.values()), path)
     return Path(path)
 
 
