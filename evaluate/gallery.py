@@ -2,7 +2,7 @@
 
 Thumbnails are embedded in the page (JPEG, base64): the page can be moved, mailed or opened on a machine without
 the dataset, and still shows every image (links relative to the page would break when it moves, and cannot point
-into collections whose images live inside tar or parquet files). About 3 KB per thumbnail.
+into collections whose images live inside tar or parquet files). About 5 KB per photograph's thumbnail.
 
 For text -> image, each sampled caption's top 5 images per method, the ground truth marked; for image -> text,
 each sampled image's top 5 captions per method, its own captions marked. The counts say, over every query of the
