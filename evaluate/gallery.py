@@ -63,7 +63,7 @@ def method_lists(split, weights: dict | None, captions: np.ndarray, images: np.n
         out.append(MethodLists(emb.name, emb.image_ids[top_rows(sims[:, cols], 0)], top_rows(sims[rows], 1)))
         if emb.name != "hada" and weights:
             keep = torch.from_numpy(np.searchsorted(emb.image_ids, common))
-            slices[emb.name] = (sims[keep][:, cols], sims[rows])
+            slices[emb.name] = (sims[:, cols][keep], sims[rows])  # columns first: never a copy of the whole
         del sims
     if weights and len(slices) > 1:
         t2i = sum(w * standardise(slices[n][0], CANDIDATE_DIM["t2i"]) for n, w in weights.items() if w)
