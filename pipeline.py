@@ -15,6 +15,7 @@ from evaluate.config import ScoreConfig
 from export.config import ExportConfig
 from extract.config import ExtractConfig
 from fuse.config import FuseConfig
+from search.config import SearchConfig
 
 
 def config_options(config_cls):
@@ -177,6 +178,10 @@ def score(**options) -> None:
     if cfg.plot:
         run_stage(plot_recall_curves, result["curves"], cfg.plot, f"{cfg.dataset} {cfg.split}")
         click.echo(f"recall@K plot: {cfg.plot}")
+    if cfg.gallery:
+        from evaluate.gallery import gallery
+
+        click.echo(f"gallery: {run_stage(gallery, cfg, result)}")
 
 
 def _score(cfg: ScoreConfig) -> dict:
@@ -222,6 +227,22 @@ def export(**options) -> None:
                f"({summary['source']}; {summary['missing_images']} not in the store), {summary['dim']}-d "
                f"{summary['dtype']}, L2-normalised, in {len(summary['parts'])} part(s): img_emb/, text_emb/ (each "
                f"image's first caption), metadata/ (image_path, caption, row)")
+
+
+@cli.command()
+@click.argument("text", required=False)
+@config_options(SearchConfig)
+def search(text, **options) -> None:
+    """Search a cached split with a trained run: TEXT (or --image PATH) -> the top images (or captions)."""
+    from data.atomic import write_json
+    from search.run import format_results, run_search
+
+    cfg = run_stage(from_options, SearchConfig, options)
+    doc, meta = run_stage(run_search, cfg, text)
+    click.echo(format_results(doc, meta))
+    if cfg.json:
+        run_stage(write_json, cfg.json, doc)
+        click.echo(f"results: {cfg.json}")
 
 
 # The demo's fusion is narrower than HADA's defaults so that it trains in minutes on a 2-core CPU.

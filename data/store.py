@@ -313,6 +313,17 @@ class FeatureStore:
                                           keep[a - lo:b - lo])
         return out
 
+    def embed_blocks(self, kind: str, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, embeds) of one kind's clean rows, at most ``rows`` at a time, shard by shard (bounded memory)."""
+        for path in self.shard_paths(kind):
+            with h5py.File(path, "r") as f:
+                for a in range(0, len(f["ids"]), rows):
+                    ids, embeds = f["ids"][a:a + rows], f["embeds"][a:a + rows]
+                    if "view" in f:
+                        clean = f["view"][a:a + rows] == 0
+                        ids, embeds = ids[clean], embeds[clean]
+                    yield ids, embeds
+
     def dims(self, kind: str) -> tuple[int, int]:
         """(node width, embedding size) of one kind's rows, read from a shard that has rows (a shard whose images
         were all excluded with --skip-bad has none)."""

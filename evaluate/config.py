@@ -12,7 +12,8 @@ from data.options import opt
 class ScoreConfig:
     dataset: str | None = opt(None, "dataset name (default: the only one in the cache)")
     split: str = opt("test", "split to score", choices=SPLITS)
-    data_root: str = opt("datasets", "dataset folder (not read: scoring uses the cache only)")
+    data_root: str = opt("datasets", "dataset folder (scoring uses the cache only; --gallery looks here for the "
+                                     "images when the stores' record of their folder fails)")
     cache: str = opt("cache", "feature cache folder")
     runs: str = opt("runs", "folder of fusion runs")
     run: str | None = opt(None, "run to score (default: the newest run of this dataset, if any)")
@@ -21,6 +22,9 @@ class ScoreConfig:
     sims: tuple[str, ...] = opt((), "score external images x captions similarity matrices (.npy or .pt), "
                                      "repeatable; their late fusion too when several", multiple=True)
     rerank: bool = opt(False, "add rows re-ranked by Nearest Neighbor Normalization (train-split embeddings as bank)")
+    gallery: str | None = opt(None, "write an HTML page here: sampled queries with each method's top 5 side by "
+                                    "side, the ground truth marked, and how often hada fixes or breaks a top-1")
+    gallery_queries: int = opt(12, "queries per direction on the --gallery page (drawn at random, seed 0)", min=1)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N (encoding the fused model when its embeddings are missing)")
     memory_gb: float | None = opt(None, "host memory for reading node features when the fused model encodes a split "
                                         "(default 70% of available); more is read in blocks")

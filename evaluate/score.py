@@ -140,9 +140,10 @@ class Scorer:
 
     def __init__(self, split: SplitEmbeddings):
         self.split = split
-        self.rows, self.curves, self.notes = [], {}, {}
+        self.rows, self.curves, self.notes, self.ranks = [], {}, {}, {}
 
     def add(self, method: str, i2t: np.ndarray, t2i: np.ndarray) -> None:
+        self.ranks[method] = (i2t, t2i)  # in index order; the gallery (evaluate/gallery.py) reads them
         self.rows.append({"method": method, **recalls_from_ranks(i2t, t2i)})
         self.curves[method] = {"i2t": recall_curve(i2t).tolist(), "t2i": recall_curve(t2i).tolist()}
 
@@ -221,7 +222,7 @@ def run_score(cfg: ScoreConfig, names: list[str], run: str | None, fused: dict[s
         scorer.notes["random_init"] = ("backbones with random-initialised weights: these figures show the pipeline "
                                        "working, not the backbones' real retrieval quality")
     return {"dataset": cfg.dataset, "split": cfg.split, "run": run or "", "rows": scorer.rows,
-            "curves": scorer.curves, "notes": scorer.notes}
+            "curves": scorer.curves, "notes": scorer.notes, "ranks": scorer.ranks, "embeddings": test}
 
 
 def load_matrix(path: str, shape: tuple[int, int]) -> torch.Tensor:
@@ -246,7 +247,7 @@ def load_matrix(path: str, shape: tuple[int, int]) -> torch.Tensor:
 
 def score_external(cfg: ScoreConfig, index: SplitIndex) -> dict:
     """Rows for similarity matrices computed elsewhere, and their late fusion (equal weights: no val matrices)."""
-    for flag, value in (("--run", cfg.run), ("--rerank", cfg.rerank)):
+    for flag, value in (("--run", cfg.run), ("--rerank", cfg.rerank), ("--gallery", cfg.gallery)):
         if value:
             raise PipelineError(f"{flag} cannot be combined with --sims: --sims scores the given matrices alone "
                                 f"(a run and re-ranking need the cache's embeddings)")

@@ -109,3 +109,13 @@ def demo_cache(tmp_path_factory) -> tuple[Path, Path]:
             run_cli("extract", "--backbone", backbone, "--dataset", "demo", "--split", split, "--data-root",
                     base / "datasets", "--cache", base / "cache", "--workers", 0, "--batch-size", 64, *extra)
     return base / "datasets", base / "cache"
+
+
+@pytest.fixture(scope="session")
+def demo_run(demo_cache, tmp_path_factory) -> tuple[Path, Path, str]:
+    """(cache, runs, run name) of a fusion run over demo_cache's tiny backbones (3 epochs)."""
+    _, cache = demo_cache
+    runs = tmp_path_factory.mktemp("demo_runs")
+    run_cli("fuse", "--dataset", "demo", "--backbones", "blip-tiny,clip-tiny", "--cache", cache, "--runs", runs,
+            "--epochs", 3, "--run", "r", *TINY_FUSE)
+    return cache, runs, "r"

@@ -2,6 +2,7 @@
 import re
 from pathlib import Path
 
+import click
 import pytest
 
 from pipeline import cli
@@ -13,10 +14,11 @@ def reference_section() -> str:
     return README.split("## CLI reference", 1)[1].split("\n## ", 1)[0]
 
 
-@pytest.mark.parametrize("command", ["extract", "fuse", "score", "export", "demo"])
+@pytest.mark.parametrize("command", ["extract", "fuse", "score", "export", "search", "demo"])
 def test_cli_reference_matches_help(command):
     params = cli.commands[command].params
-    flags = {next(o for o in p.opts if o.startswith("--")) for p in params if p.opts and p.name != "help"}
+    flags = {next(o for o in p.opts if o.startswith("--")) for p in params
+             if isinstance(p, click.Option) and p.name != "help"}  # arguments (search's TEXT) are not options
     paragraph = next(p for p in reference_section().split("\n\n") if p.startswith(f"`pipeline {command}`"))
     listed = set(re.findall(r"`(--[a-z0-9-]+)`", paragraph))
     assert listed == flags, (sorted(flags - listed), sorted(listed - flags))
