@@ -14,7 +14,16 @@ from data.discover import datasets_under
 from data.errors import PipelineError
 from data.image_source import FolderImages
 from data.index import SplitIndex
-from data.records import SPLITS, Collection, ReadOptions, Skipped, check_captions, safe_relative, split_samples
+from data.records import (
+    SPLITS,
+    Collection,
+    ReadOptions,
+    Skipped,
+    check_captions,
+    parse_holdout,
+    safe_relative,
+    split_samples,
+)
 from data.tables import TABLE_FORMATS, read_parquet, read_text_table
 from data.webdataset import read_webdataset, shard_paths
 
@@ -208,6 +217,21 @@ def open_collection(spec: DatasetSpec) -> Collection:
 def load_split(spec: DatasetSpec, split: str, captions_per_image: int | None = None) -> SplitIndex:
     """Read one split of a dataset into its index."""
     return load_splits(spec, [split], captions_per_image)[split]
+
+
+def recorded_images(config: dict, index: SplitIndex):
+    """Where a cached split's images are read from (an image source: data/image_source.py), rebuilt from the
+    extraction config its store recorded; None when that reading no longer gives the same split index (the
+    annotations moved or changed)."""
+    try:
+        options = ReadOptions(config.get("image_column"), config.get("caption_column"),
+                              parse_holdout(config.get("holdout")), bool(config.get("skip_bad")))
+        spec = resolve(index.dataset, config.get("data_root") or "datasets", config.get("annotations"),
+                       config.get("images"), config.get("webdataset"), options)
+        rebuilt = load_split(spec, index.split, config.get("captions_per_image"))
+    except (PipelineError, OSError):
+        return None
+    return rebuilt.source if rebuilt.version == index.version else None
 
 
 def image_folder(config: dict) -> Path | None:

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from data.atomic import write_text
-from data.datasets import resolve
+from data.datasets import recorded_images
 from data.errors import PipelineError
 from data.store import FeatureStore
 from evaluate.late_fusion import CANDIDATE_DIM, standardise
@@ -84,35 +84,36 @@ def sample_queries(split, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return pick(captions), pick(images)
 
 
-def thumbnail(folder: Path | None, rel: str, cache: dict) -> str:
-    """An <img> of the image as an embedded JPEG thumbnail, or a placeholder naming it when it cannot be read."""
+def thumbnail(images, index, row: int, cache: dict) -> str:
+    """An <img> of image ``row`` as an embedded JPEG thumbnail, or a placeholder naming it when it cannot be read.
+
+    ``images``: the split's image source (data/image_source.py; None: not found)."""
+    rel = index.images[row]
     if rel not in cache:
         try:
-            if folder is None:
+            if images is None:
                 raise FileNotFoundError(rel)
-            with Image.open(folder / rel) as im:
+            ref = images.refs(index, [row])[0]
+            with Image.open(ref if isinstance(ref, Path) else io.BytesIO(ref.read())) as im:
                 im = im.convert("RGB")
                 im.thumbnail((THUMB, THUMB))
                 buf = io.BytesIO()
                 im.save(buf, "JPEG", quality=80)
             cache[rel] = (f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}" '
                           f'alt="{html.escape(rel)}" title="{html.escape(rel)}">')
-        except OSError:
+        except (OSError, EOFError):
             cache[rel] = f'<span class="missing" title="{html.escape(rel)}">{html.escape(rel)}<br>(not found)</span>'
     return cache[rel]
 
 
-def image_folder(cache: str, dataset: str, split: str, store: str, data_root: str) -> Path | None:
-    """Where the split's images are: where the store's extraction read them, else under --data-root."""
+def split_images(cache: str, dataset: str, split: str, store: str, data_root: str, index):
+    """The split's image source: as the store's extraction read the images, else a Karpathy folder under
+    --data-root; None when neither gives this split index."""
     saved = FeatureStore.at(cache, dataset, split, store).manifest().get("config") or {}
-    tries = [(saved.get("data_root"), saved.get("annotations"), saved.get("images"))] if saved else []
-    for root, annotation_file, images in tries + [(data_root, None, None)]:
-        try:
-            folder = resolve(dataset, root or data_root, annotation_file, images).image_root
-        except PipelineError:
-            continue
-        if folder.is_dir():
-            return folder
+    for config in ([saved] if saved else []) + [{"data_root": data_root}]:
+        images = recorded_images(config, index)
+        if images is not None:
+            return images
     return None
 
 
@@ -183,8 +184,9 @@ def tags(ranks: dict, names: list[str], d: int, q: int) -> str:
     return f'<div class="tags">{"; ".join(parts)}</div>' if parts else ""
 
 
-def write_gallery(path: str, result: dict, folder: Path | None, n: int, seed: int = 0) -> Path:
-    """The page for a score result (``result`` as evaluate.score.run_score returns it); returns its path."""
+def write_gallery(path: str, result: dict, source, n: int, seed: int = 0) -> Path:
+    """The page for a score result (``result`` as evaluate.score.run_score returns it), thumbnails read from the
+    image source ``source`` (None: images named only); returns its path."""
     split, ranks = result.get("embeddings"), result.get("ranks", {})
     if split is None:
         raise PipelineError("--gallery needs the cache's embeddings: it cannot be combined with --sims")
@@ -203,13 +205,13 @@ def write_gallery(path: str, result: dict, folder: Path | None, n: int, seed: in
         for m in lists:
             figs = "".join(
                 f'<figure class="hit{" gt" if int(i) == truth else ""}" data-row="{int(i)}">'
-                f'{thumbnail(folder, index.images[int(i)], thumbs)}{r + 1}</figure>' for r, i in enumerate(m.t2i[q]))
+                f'{thumbnail(source, index, int(i), thumbs)}{r + 1}</figure>' for r, i in enumerate(m.t2i[q]))
             cells.append(f'<td class="method" data-method="{html.escape(m.name)}"><div class="hits">{figs}</div>'
                          f'<div class="rank">{rank_text(int(ranks[m.name][1][cap]), "ground truth")}</div></td>')
         t2i_rows.append(
             f'<tr class="query" data-row="{int(cap)}" data-truth="{truth}"><td class="query">'
             f'{html.escape(index.captions[cap])}<div class="rank">ground truth: {html.escape(index.images[truth])}'
-            f'</div>{thumbnail(folder, index.images[truth], thumbs)}{tags(ranks, others, 1, cap)}</td>'
+            f'</div>{thumbnail(source, index, int(truth), thumbs)}{tags(ranks, others, 1, cap)}</td>'
             f'{"".join(cells)}</tr>')
 
     i2t_rows = []
@@ -223,7 +225,7 @@ def write_gallery(path: str, result: dict, folder: Path | None, n: int, seed: in
             cells.append(f'<td class="method" data-method="{html.escape(m.name)}"><ol>{items}</ol>'
                          f'<div class="rank">{rank_text(int(ranks[m.name][0][img]), "first own caption")}</div></td>')
         i2t_rows.append(
-            f'<tr class="query" data-row="{img}"><td class="query">{thumbnail(folder, index.images[img], thumbs)}'
+            f'<tr class="query" data-row="{img}"><td class="query">{thumbnail(source, index, int(img), thumbs)}'
             f'<div class="rank">{html.escape(index.images[img])}</div>{tags(ranks, others, 0, img)}</td>'
             f'{"".join(cells)}</tr>')
 
@@ -255,7 +257,8 @@ def gallery(cfg, result: dict) -> Path:
     """`pipeline score --gallery`: the page for a score result, images read where the first store's extraction
     read them (``cfg``: the ScoreConfig)."""
     store = result["embeddings"].methods[0].name if result.get("embeddings") else None
-    folder = image_folder(cfg.cache, cfg.dataset, cfg.split, store, cfg.data_root) if store else None
-    if folder is None:
+    index = result["embeddings"].index if store else None
+    images = split_images(cfg.cache, cfg.dataset, cfg.split, store, cfg.data_root, index) if store else None
+    if images is None:
         log.warning("the images of %s/%s were not found: the gallery shows their names", cfg.dataset, cfg.split)
-    return write_gallery(cfg.gallery, result, folder, cfg.gallery_queries)
+    return write_gallery(cfg.gallery, result, images, cfg.gallery_queries)

@@ -395,3 +395,17 @@ def test_collection_flags_are_refused_where_they_do_not_apply(collections, tmp_p
     out = run_cli(*common, "--dataset", "toy", "--data-root", root, "--image-column", "jpg", "--holdout", "0.1,0.1",
                   expect=2).output
     assert "--image-column, --holdout: for captions tables" in out and "a Karpathy split file" in out
+
+
+@pytest.mark.parametrize("fmt", ["hf.parquet", "webdataset"])
+def test_the_gallery_shows_images_held_in_shards_and_parquet(collections, tmp_path, fmt):
+    """The gallery reads thumbnails where extraction read the images: tar members and parquet cells too."""
+    base, _, _ = collections
+    source = ("--webdataset", base / "shards" / "0000[01].tar", "--caption-column", "captions") \
+        if fmt == "webdataset" else ("--annotations", base / fmt)
+    run_cli("extract", "--dataset", "mine", "--cache", tmp_path / "c", *source, *EXTRACT)
+    page = tmp_path / "g.html"
+    run_cli("score", "--dataset", "mine", "--cache", tmp_path / "c", "--runs", tmp_path / "runs", "--gallery", page,
+            "--gallery-queries", 3)
+    html_text = page.read_text()
+    assert html_text.count('src="data:image/jpeg;base64,') > 0 and "(not found)" not in html_text
