@@ -30,7 +30,8 @@ from data.webdataset import read_webdataset, shard_paths
 __all__ = ["SPLITS", "DatasetSpec", "resolve", "load_splits", "load_split", "safe_relative", "image_folder",
            "dataset_family"]
 COLLECTION_FLAGS = ("--image-column", "--caption-column", "--holdout")
-EVAL_SPLITS = ("val", "test")  # where --captions-per-image applies: the reference trains on every caption
+# Where --captions-per-image applies: the splits that are scored (the reference trains on every caption).
+EVAL_SPLITS = ("val", "test", "all")
 # Names of the two datasets the published checkpoints were fine-tuned on (lower-case), by family.
 FAMILIES = {"flickr30k": ("flickr30k", "flickr", "f30k"), "coco": ("coco", "mscoco", "coco_karpathy", "coco_retrieval")}
 
@@ -167,7 +168,7 @@ def load_splits(spec: DatasetSpec, splits: list[str] | None = None,
                 captions_per_image: int | None = None) -> dict[str, SplitIndex]:
     """Read splits of a dataset into their indexes (one read of the annotations); None: every split it defines.
 
-    ``captions_per_image``: keep only the first K captions of each image of the val and test splits. Each index
+    ``captions_per_image``: keep only the first K captions of each image of the scored splits (EVAL_SPLITS). Each index
     carries its image source (``index.source``), which extraction reads the images from.
     """
     for split in splits or ():

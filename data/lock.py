@@ -31,8 +31,9 @@ def _holder(fd: int) -> str:
 
 
 @contextlib.contextmanager
-def exclusive(folder: str | os.PathLike, what: str) -> Iterator[Path]:
-    """Hold ``<folder>/.lock`` for the block; another holder means PipelineError naming ``what`` and the holder."""
+def exclusive(folder: str | os.PathLike, what: str, advice: str) -> Iterator[Path]:
+    """Hold ``<folder>/.lock`` for the block; another holder means PipelineError naming ``what``, the holder and
+    ``advice`` (what the user can do)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
@@ -41,8 +42,7 @@ def exclusive(folder: str | os.PathLike, what: str) -> Iterator[Path]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise PipelineError(f"{what} is being written by another process ({_holder(fd)}): wait for it to "
-                                f"finish, or use another --cache") from None
+            raise PipelineError(f"{what} is being written by another process ({_holder(fd)}): {advice}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
         yield path

@@ -17,6 +17,8 @@ stores of one backbone that a run trains, selects epochs and scores on must all 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,13 +140,28 @@ def store_settings(fingerprint: dict) -> dict:
 
 
 def check_settings(expected: dict, store: "FeatureStore", backbone: str, split: str, source: str) -> None:
-    """Refuse ``store`` when its settings differ from ``expected`` (those of ``source``, e.g. "the run's train
-    store"), in one line naming the backbone, the split and each differing setting."""
-    actual = store.settings()
+    """Refuse ``store`` when its settings differ from ``expected`` (those of ``source``, e.g. "run r's"), in one
+    line naming the backbone, the split and each differing setting."""
+    refuse_other_settings(expected, store.settings(), backbone, split, source, f"the store at {store.root}")
+
+
+def refuse_other_settings(expected: dict, actual: dict, backbone: str, split: str, source: str, what: str) -> None:
+    """``check_settings`` for settings already read (``what`` names where ``actual`` come from)."""
     if actual != expected:
-        raise PipelineError(f"backbone {backbone}, split {split}: the store at {store.root} was made with other "
-                            f"settings than {source}: {describe_difference(expected, actual, (source, split))}. "
-                            f"Re-extract it with the same settings, or use another --cache")
+        raise PipelineError(f"backbone {backbone}, split {split}: {what} was made with other settings than "
+                            f"{source}: {describe_difference(expected, actual, (source, split))}. Re-extract it "
+                            f"with the same settings, or use another --cache")
+
+
+def common_settings(names: list[str], stores_by_split: dict[str, list["FeatureStore"]]) -> dict[str, dict]:
+    """Each backbone's store settings, refusing a backbone whose stores differ between the splits given (checked
+    against the first split's: a model trained on one kind of feature must not be selected or scored on another)."""
+    first, *others = stores_by_split
+    settings = {name: store.settings() for name, store in zip(names, stores_by_split[first])}
+    for split in others:
+        for name, store in zip(names, stores_by_split[split]):
+            check_settings(settings[name], store, name, split, first)
+    return settings
 
 
 READ_CHUNK = 1024  # rows per read when a load skips rows (augmented views)
@@ -210,14 +227,25 @@ class FeatureStore:
         """The store's settings (``store_settings`` of its fingerprint)."""
         return store_settings(self.manifest()["fingerprint"])
 
+    def content_key(self) -> str:
+        """What the store holds now, beyond its settings: its manifest's shards and excluded images, and each shard
+        file as it is on disk (name, size, modification time). A store re-extracted in place (a repaired image, a
+        shard redone) gets a new key, so what was derived from it (fused embeddings, an index) is made again."""
+        manifest = self.manifest()
+        shards = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for kind in KINDS for p in self.shard_paths(kind)]
+        blob = json.dumps({"fingerprint": manifest["fingerprint"], "bad_images": manifest.get("bad_images", []),
+                           "shards": shards}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
     @contextlib.contextmanager
-    def writing(self) -> Iterator[None]:
-        """Hold the store's lock for a whole write; another writer is refused at once, naming its pid and host.
+    def writing(self, advice: str = "wait for it to finish, or use another --cache") -> Iterator[None]:
+        """Hold the store's lock for a whole write; another writer is refused at once, naming its pid and host
+        (and ``advice``: what the user can do).
 
         Temporary files left by a writer that died (a killed run) are removed here, under the lock, so a live
         writer's are never touched.
         """
-        with exclusive(self.root, f"the store {self.root}"):
+        with exclusive(self.root, f"the store {self.root}", advice):
             for stale in self.root.glob(".*.tmp"):
                 stale.unlink()
             yield
@@ -343,11 +371,7 @@ class FeatureStore:
 
     def clean_image_ids(self) -> np.ndarray:
         """Rows of the clean image views (view 0) in the store, in order, read without their features."""
-        ids = []
-        for path in self.shard_paths("images"):
-            with h5py.File(path, "r") as f:
-                ids.append(f["ids"][:][f["view"][:] == 0] if "view" in f else f["ids"][:])
-        return np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        return self.load("images", tokens=False, clean=True).ids
 
     def bad_images(self) -> list[int]:
         return [b["id"] for b in self.manifest().get("bad_images", [])]

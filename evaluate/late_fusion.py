@@ -1,7 +1,7 @@
 """Training-free baseline: a weighted sum of per-query standardised similarity matrices, weights tuned on val."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -79,12 +79,16 @@ def weight_grid(n: int, step: float = 0.1) -> list[tuple[float, ...]]:
 
 
 def tune_weights(sims_list_val: Sequence[Any], text_to_image_val: Any, step: float = 0.1,
-                 ks: Sequence[int] = KS) -> tuple[float, ...]:
-    """The weight_grid point with the best val rsum; ties go to the first in weight_grid's order."""
+                 ks: Sequence[int] = KS, expand: Callable | None = None) -> tuple[float, ...]:
+    """The weight_grid point with the best val rsum; ties go to the first in weight_grid's order.
+
+    ``expand``: maps the ranks of the rows scored to the split's (evaluate.coverage.Coverage.expand, so that
+    images excluded at extraction count as misses, as in the table)."""
     z_rows, z_cols = _standardised(sims_list_val)
+    expand = expand or (lambda i2t, t2i: (i2t, t2i))
     best, best_rsum = None, -1.0
     for w in weight_grid(len(sims_list_val), step):
-        rsum = recalls_from_ranks(*_fused_ranks(z_rows, z_cols, w, text_to_image_val), ks)["rsum"]
+        rsum = recalls_from_ranks(*expand(*_fused_ranks(z_rows, z_cols, w, text_to_image_val)), ks)["rsum"]
         if rsum > best_rsum:
             best, best_rsum = w, rsum
     return best

@@ -8,7 +8,7 @@ defaults are weight 0.5, k 256): tune alpha on val with tune_alpha.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -70,12 +70,14 @@ def nnn_recall(image_embeds: Any, text_embeds: Any, text_to_image: Any, image_ba
 
 def tune_alpha(image_embeds_val: Any, text_embeds_val: Any, text_to_image_val: Any, image_bank: Any,
                text_bank: Any, alphas: Sequence[float] = ALPHAS, k: int = K, ks: Sequence[int] = KS,
-               device: str | torch.device = "cpu") -> float:
-    """The alpha with the best val rsum (ties: the first in alphas); the biases are computed once."""
+               device: str | torch.device = "cpu", expand: Callable | None = None) -> float:
+    """The alpha with the best val rsum (ties: the first in alphas); the biases are computed once. ``expand``:
+    as in evaluate.late_fusion.tune_weights."""
     sims, b_img, b_txt = _scores(image_embeds_val, text_embeds_val, image_bank, text_bank, k, device)
+    expand = expand or (lambda i2t, t2i: (i2t, t2i))
     best, best_rsum = None, -1.0
     for alpha in alphas:
-        rsum = recalls_from_ranks(*_ranks(sims, b_img, b_txt, alpha, text_to_image_val), ks)["rsum"]
+        rsum = recalls_from_ranks(*expand(*_ranks(sims, b_img, b_txt, alpha, text_to_image_val)), ks)["rsum"]
         if rsum > best_rsum:
             best, best_rsum = alpha, rsum
     return best

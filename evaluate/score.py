@@ -173,14 +173,16 @@ def tuned_late_fusion_weights(val: SplitEmbeddings, names: list[str]) -> tuple[f
     """Late-fusion weights with the best val rsum (grid step 0.1 on the simplex)."""
     backbones = [e for e in val.methods if e.name in names]
     ids = val.common_ids(backbones)
-    return tune_weights([e.similarities(ids) for e in backbones], val.coverage(ids).local_t2i)
+    cov = val.coverage(ids)
+    return tune_weights([e.similarities(ids) for e in backbones], cov.local_t2i, expand=cov.expand)
 
 
 def tuned_alpha(val: SplitEmbeddings | None, emb_name: str, bank: Embeddings) -> float:
     if val is None:
         return ALPHA
     emb = next(e for e in val.methods if e.name == emb_name)
-    return tune_alpha(emb.images, emb.texts, val.coverage(emb.image_ids).local_t2i, bank.images, bank.texts)
+    cov = val.coverage(emb.image_ids)
+    return tune_alpha(emb.images, emb.texts, cov.local_t2i, bank.images, bank.texts, expand=cov.expand)
 
 
 def run_score(cfg: ScoreConfig, names: list[str], run: str | None, fused: dict[str, Path]) -> dict:

@@ -43,11 +43,10 @@ def fill_part(store: FeatureStore, index: SplitIndex, ids: np.ndarray, images: n
     first = index.caption_offsets[:-1]
     for a in range(0, len(ids), BLOCK):
         block = ids[a:a + BLOCK]
-        rows = store.load("images", tokens=False, id_range=(int(block[0]), int(block[-1]) + 1))
-        clean = rows.view == 0 if rows.view is not None else np.ones(len(rows), bool)
-        if not np.array_equal(rows.ids[clean], block):
+        rows = store.load("images", tokens=False, id_range=(int(block[0]), int(block[-1]) + 1), clean=True)
+        if not np.array_equal(rows.ids, block):
             raise PipelineError(f"{store.root}: image rows changed while exporting; rerun `pipeline export`")
-        images[a:a + len(block)] = unit_rows(rows.embeds[clean], images.dtype)
+        images[a:a + len(block)] = unit_rows(rows.embeds, images.dtype)
         wanted = first[block]
         caps = store.load("texts", tokens=False, id_range=(int(wanted[0]), int(wanted[-1]) + 1))
         texts[a:a + len(block)] = unit_rows(caps.embeds[np.searchsorted(caps.ids, wanted)], texts.dtype)

@@ -70,8 +70,9 @@ class ExtractConfig:
                                "at most 127: the store's view index is int8)", min=0, max=127)
     # On extract, not score: the caption set is the split index, which every later stage shares (and the reference
     # bug makes a caption's fused embedding depend on its batch neighbours, so it must be set before encoding).
-    captions_per_image: int | None = opt(None, "keep only the first K captions of each val and test image, as the "
-                                               "reference evaluates with 5 (COCO's test split: 25,000 of 25,010); "
+    captions_per_image: int | None = opt(None, "keep only the first K captions of each image of the scored splits "
+                                               "(val, test, all), as the reference evaluates with 5 (COCO's test "
+                                               "split: 25,000 of 25,010); "
                                                "train keeps every caption, as the reference trains", min=1)
     token_pool: int = opt(1, "average-pool the patch-token grid by this factor (2: 24x24 -> 12x12)", min=1)
     seed: int = opt(0, "seed of the augmented views", min=0, max=2**31 - 1)

@@ -33,6 +33,9 @@ def check_config(cfg: ExtractConfig) -> None:
         raise PipelineError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     if cfg.scheduler == "distributed" and not cfg.address:
         raise PipelineError("--scheduler distributed needs --address tcp://HOST:PORT of a running dask scheduler")
+    if cfg.captions_per_image and cfg.split == "train":
+        raise PipelineError(f"--captions-per-image {cfg.captions_per_image} applies to the scored splits (val, test, "
+                            f"all): the train split keeps every caption, as the reference trains")
     if cfg.address and cfg.scheduler != "distributed":
         raise PipelineError(f"--address {cfg.address} is for --scheduler distributed (now --scheduler "
                             f"{cfg.scheduler}): add --scheduler distributed, or leave --address out")
@@ -240,7 +243,10 @@ def write_store(cfg: ExtractConfig, index: SplitIndex, images, backbone, store: 
              human(estimate["total"]))
     t0 = time.perf_counter()
     results = dispatch(todo, cfg, index, images, attrs)
-    written = [read_shard_attrs(store.root / j.name) for j in jobs if (store.root / j.name).is_file()]
+    # What the store holds now: shards kept from before, and those written by this run (a redone shard that was
+    # not written leaves an old file whose excluded images say nothing about this run).
+    now = [j for j in jobs if j not in todo] + [r.job for r in results if r.written]
+    written = [read_shard_attrs(store.root / j.name) for j in now]
     # Every bad image of the run is named at once; shards holding one were not written (unless --skip-bad).
     bad = sorted({(i, e) for r in results for i, e in r.bad}
                  | {(i, e) for a in written for i, e in json.loads(a.get("bad_images", "[]"))})

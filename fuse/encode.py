@@ -115,20 +115,25 @@ def write_fused(root: Path, image_ids, images: torch.Tensor, texts: torch.Tensor
     """Fused embeddings in the feature-store schema (no token rows), so scoring reads them like any backbone."""
     store = FeatureStore(root)
     with store.writing():
-        if store.exists() and store.manifest()["fingerprint"] != fingerprint:
-            for old in root.glob("*.h5"):  # another checkpoint or other stores: these are derived, redo them
-                old.unlink()
-            store.manifest_path.unlink()
-        manifest = store.claim(fingerprint)
-        for kind, ids, emb in (("images", np.asarray(image_ids), images), ("texts", np.arange(len(texts)), texts)):
-            emb = emb.numpy().astype(np.float32)
-            data = ShardData(ids=ids.astype(np.int64), embeds=emb,
-                             norms=np.linalg.norm(emb, axis=1).astype(np.float32),
-                             offsets=np.zeros(len(ids) + 1, np.int64), tokens=np.zeros((0, 0), np.float16))
-            write_shard(root / f"{kind}-00000.h5", data, {**_flat(fingerprint), "kind": kind})
-        manifest.update(shards={"images": ["images-00000.h5"], "texts": ["texts-00000.h5"]}, bad_images=[])
-        store.finish(manifest)
+        store_fused(store, image_ids, images, texts, fingerprint)
     return store
+
+
+def store_fused(store: FeatureStore, image_ids, images: torch.Tensor, texts: torch.Tensor, fingerprint: dict) -> None:
+    """``write_fused`` for a caller that holds the store's lock."""
+    root = store.root
+    if store.exists() and store.manifest()["fingerprint"] != fingerprint:
+        for old in root.glob("*.h5"):  # another checkpoint or other stores: these are derived, redo them
+            old.unlink()
+        store.manifest_path.unlink()
+    manifest = store.claim(fingerprint)
+    for kind, ids, emb in (("images", np.asarray(image_ids), images), ("texts", np.arange(len(texts)), texts)):
+        emb = emb.numpy().astype(np.float32)
+        data = ShardData(ids=ids.astype(np.int64), embeds=emb, norms=np.linalg.norm(emb, axis=1).astype(np.float32),
+                         offsets=np.zeros(len(ids) + 1, np.int64), tokens=np.zeros((0, 0), np.float16))
+        write_shard(root / f"{kind}-00000.h5", data, {**_flat(fingerprint), "kind": kind})
+    manifest.update(shards={"images": ["images-00000.h5"], "texts": ["texts-00000.h5"]}, bad_images=[])
+    store.finish(manifest)
 
 
 def _flat(fingerprint: dict) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from data.backbone_spec import parse_specs
 from data.errors import PipelineError
-from data.store import check_settings
+from data.store import common_settings
 from data.torch_files import load_pt
 from fuse import checkpoint, provenance
 from fuse.config import FuseConfig, ModelConfig
@@ -116,23 +116,20 @@ def import_hada(path: str, dataset: str, backbones: str, run: str, cache: str = 
     model_cfg = ModelConfig(width=dims["width"], heads=dims["heads"], embed_dim=dims["embed_dim"],
                             weighted=weighted, reference_bug=reference_bug)
     cfg = FuseConfig(dataset=dataset, backbones=",".join(names), cache=cache, runs=runs, run=run, model=model_cfg)
-    stored, versions, settings, facts, most_captions = {}, {}, {}, [], 0
+    stored, versions, by_split, facts, most_captions = {}, {}, {}, [], 0
     for split in ("val", "test"):  # the dims and settings of the cached eval splits (the same for both)
         try:
             index, stores = open_stores(cache, dataset, split, names)
         except PipelineError:
             continue
-        versions[split] = index.version
+        versions[split], by_split[split] = index.version, stores
         stored = store_dims(stores)
-        for name, store in zip(names, stores):
-            if name in settings:
-                check_settings(settings[name], store, name, split, "val")
-            settings[name] = store.settings()
         facts.append([provenance.store_facts(n, s) for n, s in zip(names, stores)])
         most_captions = max(most_captions, int(np.diff(index.caption_offsets).max(initial=0)))
     if not stored:
         raise PipelineError(f"no val or test split of {dataset!r} is cached for {', '.join(names)} in {cache}: "
                             f"run `pipeline extract` first")
+    settings = common_settings(names, by_split)
     problems = []
     for side in ("image", "text"):
         if stored[f"{side}_tokens"] != dims[f"{side}_tokens"]:

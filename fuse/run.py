@@ -14,7 +14,7 @@ from data.store import FeatureStore, check_settings
 from fuse import checkpoint
 from fuse.config import FuseConfig
 from fuse.data import memory_budget_gb, open_stores, present_images
-from fuse.encode import encode_stores, eval_batch_size, write_fused
+from fuse.encode import encode_stores, eval_batch_size, store_fused
 from fuse.model import build_model, learned_scalars
 from fuse.provenance import LABEL
 from fuse.train import train
@@ -63,9 +63,10 @@ def encode_run(run_dir: Path, split: str, cache: str | None = None, device: str 
     """Encode a cached split through a run's best checkpoint into ``<run>/embeds/<split>/``.
 
     The split's stores must have the settings the run was trained on. Embeddings already there are reused only
-    if they were made from the same checkpoint (its content hash), from stores of the same fingerprints, in the
-    same cache folder. Encoding reads the stores block by block within ``memory_gb`` (default: 70% of the memory
-    available), clean views only.
+    if they were made from the same checkpoint (its content hash), from stores of the same fingerprints and the
+    same content (a store re-extracted in place is new), in the same cache folder. Encoding reads the stores block
+    by block within ``memory_gb`` (default: 70% of the memory available), clean views only, holding the fused
+    store's lock: a second process encoding the same split is refused before it starts.
     """
     run_dir = Path(run_dir)
     saved = checkpoint.read_config(run_dir)
@@ -78,21 +79,32 @@ def encode_run(run_dir: Path, split: str, cache: str | None = None, device: str 
     fingerprint = {"backbone": "hada", "run": run_dir.name, "backbones": ",".join(saved["backbones"]),
                    "checkpoint_sha256": file_digest(best), "index_version": index.version,
                    "weighted": cfg.model.weighted, "cache": str(Path(cfg.cache).resolve()),
-                   "stores": {name: store.manifest()["fingerprint"] for name, store in zip(saved["backbones"], stores)}}
-    root = fused_root(run_dir, split)
-    store = FeatureStore(root)
-    if store.exists() and store.manifest().get("complete") and store.manifest()["fingerprint"] == fingerprint:
-        return root
-    state = checkpoint.load(best)
-    dev = pick_device(device)
-    model = build_model(state["dims"], cfg).to(dev)
-    model.load_state_dict(state["model"])
-    present = present_images(stores, len(index.images))
-    ids, images, texts = encode_stores(model, index, stores, dev, eval_batch_size(cfg), memory_budget_gb(memory_gb),
-                                       present)
-    write_fused(root, ids, images, texts, fingerprint)
-    log.info("fused embeddings of %s (epoch %d) written to %s", index.describe(), state["epoch"], root)
-    return root
+                   "stores": {name: {"fingerprint": store.manifest()["fingerprint"], "content": store.content_key()}
+                              for name, store in zip(saved["backbones"], stores)}}
+    fused = FeatureStore(fused_root(run_dir, split))
+    if made_from(fused, fingerprint):
+        return fused.root
+    with fused.writing(f"it is encoding {split} through run {run_dir.name}: wait for it to finish, then rerun"):
+        if made_from(fused, fingerprint):  # by the process that held the lock before
+            return fused.root
+        state = checkpoint.load(best)
+        dev = pick_device(device)
+        model = build_model(state["dims"], cfg).to(dev)
+        model.load_state_dict(state["model"])
+        present = present_images(stores, len(index.images))
+        ids, images, texts = encode_stores(model, index, stores, dev, eval_batch_size(cfg),
+                                           memory_budget_gb(memory_gb), present)
+        store_fused(fused, ids, images, texts, fingerprint)
+    log.info("fused embeddings of %s (epoch %d) written to %s", index.describe(), state["epoch"], fused.root)
+    return fused.root
+
+
+def made_from(fused: FeatureStore, fingerprint: dict) -> bool:
+    """True when ``fused`` holds complete embeddings made from exactly ``fingerprint``."""
+    if not fused.exists():
+        return False
+    manifest = fused.manifest()
+    return bool(manifest.get("complete")) and manifest["fingerprint"] == fingerprint
 
 
 def settle_targets(cfg: FuseConfig) -> FuseConfig:

@@ -19,7 +19,7 @@ import torch
 from data.device import autocast, pick_device
 from data.errors import PipelineError
 from data.progress import Progress
-from data.store import check_settings, describe_difference
+from data.store import common_settings, refuse_other_settings
 from fuse import checkpoint
 from fuse.batch import gather_batch
 from fuse.config import FuseConfig
@@ -128,15 +128,6 @@ def run_dir_for(cfg: FuseConfig) -> Path:
     return Path(cfg.runs) / cfg.run_name
 
 
-def store_settings_of(names: list[str], train_stores, val_stores) -> dict[str, dict]:
-    """Each backbone's store settings, refusing a backbone whose val store was made with other settings than its
-    train store (fusion would train on one kind of feature and select epochs on another)."""
-    settings = {name: store.settings() for name, store in zip(names, train_stores)}
-    for name, store in zip(names, val_stores):
-        check_settings(settings[name], store, name, "val", "train")
-    return settings
-
-
 def check_saved_run(saved: dict, versions: dict, dims: dict, names: list[str], what: str,
                     settings: dict[str, dict] | None = None) -> None:
     """Refuse to resume or initialise from a run made on other split indexes, stores of other widths, or stores
@@ -146,10 +137,8 @@ def check_saved_run(saved: dict, versions: dict, dims: dict, names: list[str], w
     """
     for name, now in (settings or {}).items():
         was = saved.get("store_settings", {}).get(name)
-        if was is not None and was != now:
-            raise PipelineError(f"{what} was trained on {name} stores made with other settings than the cache's "
-                                f"now: {describe_difference(was, now, (what, 'cache'))}. Re-extract with the run's "
-                                f"settings, or start a new --run")
+        if was is not None:
+            refuse_other_settings(was, now, name, "train", what, "the cache's store")
     for split, version in versions.items():
         if split in saved["index_versions"] and saved["index_versions"][split] != version:
             raise PipelineError(f"{what} was trained on {split} split index {saved['index_versions'][split]}, "
@@ -187,7 +176,7 @@ def train(cfg: FuseConfig, given: frozenset[str] | None = None) -> dict:
     train_index, train_stores = open_stores(cfg.cache, cfg.dataset, "train", names)
     val_index, val_stores = open_stores(cfg.cache, cfg.dataset, "val", names)
     versions = {"train": train_index.version, "val": val_index.version}
-    settings = store_settings_of(names, train_stores, val_stores)
+    settings = common_settings(names, {"train": train_stores, "val": val_stores})
     dims = store_dims(val_stores)
     for saved, what in ((resumed, f"run {cfg.run}"), (init, f"run {cfg.init}")):
         if saved:

@@ -46,9 +46,7 @@ def faiss_module():
 
 def index_key(store: FeatureStore, kind: str) -> str:
     """What the index is made from: the store's fingerprint, its shard files as they are on disk, the recipe."""
-    shards = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in store.shard_paths(kind)]
-    blob = json.dumps({"fingerprint": store.manifest()["fingerprint"], "shards": shards, "kind": kind,
-                       "recipe": RECIPE}, sort_keys=True)
+    blob = json.dumps({"store": store.content_key(), "kind": kind, "recipe": RECIPE}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -282,6 +282,33 @@ def test_reference_checkpoint_round_trips_to_the_oracles_recall(tmp_path, bug, w
         assert oracle_recall(img, cap, cache, not bug, 0.3 if weighted else None)["rsum"] != want["rsum"]
 
 
+def test_encoding_in_blocks_keeps_the_reference_bugs_batches(tmp_path, caplog):
+    """With the bug a sample's embedding depends on its batch: streamed in blocks (a tiny --memory-gb), the blocks
+    hold whole batches of 20 in split order, so the hada row is still the oracle's."""
+    import json
+    import logging
+
+    from conftest import run_cli
+
+    cache, runs = synthetic_cache(tmp_path / "cache"), tmp_path / "runs"
+    torch.manual_seed(4)
+    img, cap = ref.MH(D, D, E1, E2, WIDTH, HEADS, EMBED), ref.MH(D, D, E1, E2, WIDTH, HEADS, EMBED)
+    for p in [*img.parameters(), *cap.parameters()]:
+        torch.nn.init.normal_(p, std=0.5)
+    path = tmp_path / "best.pth.tar"
+    torch.save(ref.reference_checkpoint(img, cap, ref.Discriminator(EMBED), 0.05, 0), path)
+    run_cli("import-hada", path, "--dataset", "syn", "--backbones", "a,b", "--run", "imp", "--cache", cache,
+            "--runs", runs)
+    with caplog.at_level(logging.INFO, logger="pipeline"):
+        run_cli("score", "--dataset", "syn", "--run", "imp", "--cache", cache, "--runs", runs, "--json",
+                tmp_path / "s.json", "--memory-gb", 2e-5)
+    assert any("blocks of 20" in r.message for r in caplog.records)  # several blocks of one batch each
+    hada = next(r for r in json.loads((tmp_path / "s.json").read_text())["rows"] if r["method"] == "hada")
+    with torch.no_grad():
+        want = oracle_recall(img.eval(), cap.eval(), cache, True, None)
+    assert {k: round(v, 6) for k, v in hada.items() if k != "method"} == {k: round(v, 6) for k, v in want.items()}
+
+
 def test_import_refuses_bad_checkpoints_and_writes_nothing(tmp_path):
     from conftest import run_cli
 

@@ -119,6 +119,12 @@ def test_fused_embeddings_are_keyed_by_their_stores_and_cache(work, tmp_path):
     shutil.rmtree(work / "runs" / "r" / "embeds" / "test")  # encoded afresh from cache2: the same
     score(work, "--run", "r", cache=work / "cache2")
     assert np.array_equal(fused_images(), second)
+    # The same in place: the first cache's test store re-extracted from the repaired images, same settings.
+    score(work, "--run", "r")
+    assert np.allclose(fused_images(), first)
+    reextract(work, "blip-tiny", "test", data=repaired)
+    score(work, "--run", "r")
+    assert np.array_equal(fused_images(), second)
 
 
 # 3. One writer per store: two real `pipeline extract` processes, and a kill -9 of the lock holder.
@@ -171,7 +177,7 @@ def lock_holder(tmp_path):
 
 def test_a_second_writer_is_refused_at_once_naming_the_holder(tmp_path):
     with lock_holder(tmp_path) as (data, jpeg, store, first):
-        in_progress = store / f".texts-00000.h5.{first.pid}.tmp"  # as if the holder were writing this shard
+        in_progress = store / f".texts-00099.h5.{first.pid}.tmp"  # as if the holder were writing a shard
         in_progress.write_bytes(b"partial")
         second = start_extract(data, tmp_path / "cache", tmp_path / "second.log")
         assert second.wait(timeout=180) == 2
@@ -227,7 +233,12 @@ def test_a_repaired_image_is_read_again_and_leaves_the_excluded_list(tiny_data, 
     extract(tiny_data, cache, "clip-tiny", "--skip-bad", split="test")  # still bad: re-tried, still excluded
     assert store.bad_images() == [2]
     image.write_bytes(good)
-    out = extract(tiny_data, cache, "clip-tiny", split="test").output  # without --skip-bad: it is good now
+    other = tiny_data / "toy" / "images" / "img_0021.jpg"
+    other.write_bytes(b"broken meanwhile")  # the error names this one only, not the repaired one
+    out = extract(tiny_data, cache, "clip-tiny", split="test", expect=2).output
+    assert "1 image(s) could not be read" in out and "img_0021.jpg" in out and "img_0018.jpg" not in out, out
+    other.write_bytes(good)
+    out = extract(tiny_data, cache, "clip-tiny", split="test").output  # without --skip-bad: both good now
     assert "0 bad images skipped" in out
     assert store.bad_images() == [] and list(store.load("images").ids) == list(range(8))
 
@@ -312,12 +323,11 @@ def test_encoding_in_blocks_gives_the_embeddings_of_one_pass(work):
     from fuse.run import encode_run
 
     whole = encode_run(work / "runs" / "r", "test", work / "cache", "cpu", memory_gb=100)
-    with h5py.File(whole / "texts-00000.h5", "r") as f:
-        one_pass = f["embeds"][:]
+    one_pass = {kind: FeatureStore(whole).load(kind, tokens=False).embeds for kind in ("images", "texts")}
     shutil.rmtree(whole)
     encode_run(work / "runs" / "r", "test", work / "cache", "cpu", memory_gb=1e-6)
-    with h5py.File(whole / "texts-00000.h5", "r") as f:
-        np.testing.assert_allclose(f["embeds"][:], one_pass, atol=1e-6)
+    for kind in ("images", "texts"):
+        np.testing.assert_allclose(FeatureStore(whole).load(kind, tokens=False).embeds, one_pass[kind], atol=1e-6)
 
 
 # 9. A resumed run keeps the memory budget it was trained with.
@@ -350,6 +360,17 @@ def test_dims_come_from_a_shard_that_has_rows(tiny_data, tmp_path):
 
 # 11. Options that would be ignored are refused by name; the non-finite-loss message says what works.
 
+def test_a_second_encoder_of_a_fused_split_is_refused_before_it_encodes(work, monkeypatch):
+    from data.lock import exclusive
+
+    shutil.rmtree(work / "runs" / "r" / "embeds" / "test")
+    monkeypatch.setattr("fuse.run.encode_stores", lambda *a, **k: pytest.fail("encoded although refused"))
+    with exclusive(work / "runs" / "r" / "embeds" / "test", "held", "-"):
+        out = score(work, "--run", "r", expect=2).output
+    assert "is being written by another process" in out and "it is encoding test through run r" in out, out
+    assert "--cache" not in out.split("process")[1]
+
+
 def test_options_that_would_be_ignored_are_refused(trained, tiny_data, tmp_path):
     assert "No such option '--data-root'" in fuse(trained, "--data-root", "x", expect=2).output
     out = fuse(trained, "--init-momentum", "--run", "x", expect=2).output
@@ -359,6 +380,8 @@ def test_options_that_would_be_ignored_are_refused(trained, tiny_data, tmp_path)
     assert "--address tcp://127.0.0.1:1 is for --scheduler distributed" in out
     out = extract(tiny_data, tmp_path / "c", "clip-tiny", "--token-pool", 2, split="test", expect=2).output
     assert "--token-pool 2: clip-tiny stores no patch-token grid" in out
+    out = extract(tiny_data, tmp_path / "c", "clip-tiny", "--captions-per-image", 5, split="train", expect=2).output
+    assert "--captions-per-image 5 applies to the scored splits" in out
     assert not (tmp_path / "c" / "toy" / "test" / "clip-tiny").exists()
 
 
