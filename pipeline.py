@@ -158,15 +158,20 @@ def score(**options) -> None:
 
     if not options["sims"] or not options["dataset"]:
         options["dataset"] = run_stage(dataset_in_cache, options["cache"], options["dataset"])
-    cfg = ScoreConfig(**options)
+    cfg = run_stage(from_options, ScoreConfig, options)
     result = run_stage(_score, cfg)
     from evaluate.plot import plot_recall_curves
-    from evaluate.table import format_table, write_scores
+    from evaluate.table import COCO_1K_TITLE, CORRECTED_TITLE, aligned, corrected_columns, format_table, write_scores
 
     click.echo(format_table(result["rows"]))
+    if "coco_1k" in result:
+        click.echo(f"{COCO_1K_TITLE}\n{format_table(result['coco_1k'])}")
+    if any("eccv" in row for row in result["rows"]):
+        click.echo(f"{CORRECTED_TITLE}\n{aligned(*corrected_columns(result['rows']))}")
     for key, note in result["notes"].items():
         click.echo(f"{key}: {note}")
-    extra = {"notes": result["notes"], "config": cfg.to_dict()}
+    extra = {"notes": result["notes"], "config": cfg.to_dict(),
+             **({"coco_1k": result["coco_1k"]} if "coco_1k" in result else {})}
     if result.get("fusion"):
         extra["fusion"] = result["fusion"]
         learned = result["fusion"]["learned"]
@@ -177,7 +182,9 @@ def score(**options) -> None:
                          extra)
         click.echo(f"scores: {path} and {path.with_suffix('.md')}")
     if cfg.plot:
-        run_stage(plot_recall_curves, result["curves"], cfg.plot, f"{cfg.dataset} {cfg.split}")
+        corrected = {row["method"]: row["eccv"] for row in result["rows"] if "eccv" in row}
+        run_stage(plot_recall_curves, result["curves"], cfg.plot, f"{cfg.dataset} {cfg.split}",
+                  result.get("curves_1k"), corrected or None)
         click.echo(f"recall@K plot: {cfg.plot}")
 
 
@@ -200,7 +207,7 @@ def _score(cfg: ScoreConfig) -> dict:
         from fuse.run import encode_run, run_summary
 
         logging.getLogger("pipeline.score").info("scoring run %s (backbones %s)", run, ", ".join(names))
-        for split in dict.fromkeys([cfg.split, "val"] + (["train"] if cfg.rerank else [])):
+        for split in dict.fromkeys([cfg.split, "val"] + (["train"] if cfg.needs_train else [])):
             try:
                 fused[split] = encode_run(Path(cfg.runs) / run, split, cfg.cache, cfg.device)
             except PipelineError:
