@@ -185,8 +185,9 @@ class Scorer:
             sub = ids if part.images is None else ids[part.images.numpy()]
             return late_fusion_similarities([e.similarities(sub, part.captions) for e in backbones], weights)
 
-        scores = Scores(ids, block)
-        self.add(method, *cov.expand(*ranks_of(*block(Part()), cov.local_t2i)), scores)
+        whole = block(Part())  # kept for the protocols' whole-split lists; folds recompute theirs
+        scores = Scores(ids, lambda part: whole if part == Part() else block(part))
+        self.add(method, *cov.expand(*ranks_of(*whole, cov.local_t2i)), scores)
 
     def rerank(self, emb: Embeddings, bank: Embeddings, alpha: float) -> None:
         cov = self.split.coverage(emb.image_ids)

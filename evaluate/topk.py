@@ -15,13 +15,16 @@ from .recall import DIRECTIONS, _rows, _tensor
 
 def top_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     """Per row of x (queries x candidates), the indices of its k best candidates, best first, ties by index."""
-    k = min(k, x.shape[1])
+    n = x.shape[1]
+    k = min(k, n)
     if torch.isnan(x).any():
         raise ValueError("similarity scores contain NaN")
-    values, idx = x.topk(k, dim=1)
-    ahead = int((x >= values[:, -1:]).sum(1).max())  # the most candidates any row has at or above its k-th score
-    if ahead > k:  # ties at some row's k-th score: take all of them, then order
-        values, idx = x.topk(ahead, dim=1)
+    x = x.contiguous()  # topk along strided rows is several times slower
+    values, idx = x.topk(min(k + 1, n), dim=1)
+    if n > k:
+        tied = (values[:, k] == values[:, k - 1]).nonzero().squeeze(1)  # rows whose k-th score recurs beyond k
+        ahead = int((x[tied] >= values[tied, k - 1:k]).sum(1).max()) if tied.numel() else k
+        values, idx = (values[:, :k], idx[:, :k]) if ahead == k else x.topk(ahead, dim=1)
     by_index = idx.argsort(dim=1)
     idx, values = idx.gather(1, by_index), values.gather(1, by_index)
     by_score = values.argsort(dim=1, descending=True, stable=True)  # stable: equal scores keep index order
