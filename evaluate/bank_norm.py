@@ -34,13 +34,14 @@ from .topk import top_indices
 BETAS = (1.0, 3.0, 10.0, 20.0, 30.0, 50.0, 100.0)  # the val grid (1/beta: temperatures 1 ... 0.01)
 BETA = 20.0  # QB-Norm's default beta, used when there is no val split to tune on
 TOP = 1  # QB-Norm's k: each bank member activates its top-1 gallery item
+ACTIVE_ALL = {"all": [None]}  # the activation set over the whole gallery
 
 
 @dataclass
 class BankStats:
     """One gallery against one bank: ``lse[beta][g]`` = log sum_b exp(beta s(b, g)); ``active[name][g]``: item g
     is among the top ``TOP`` gallery items of some bank member, each member looking only within g's own part of
-    the partition ``name`` (``"all"``: the whole gallery)."""
+    the partition ``name``."""
 
     lse: dict[float, torch.Tensor]
     active: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -57,8 +58,9 @@ def bank_stats(gallery: Any, bank: Any, betas: Sequence[float], partitions: dict
     """Log partition sums of every gallery row against every bank row, and activation sets, in one bank pass.
 
     gallery, bank: embedding rows (numpy, torch, h5py or dask; read bank_block rows at a time). partitions:
-    {name: [index tensors of gallery rows, one per part]}; ``"all"`` (the whole gallery) is always computed.
-    The log-sum-exp runs online (a running max per gallery item), exact in float32. Results are on the CPU.
+    {name: [index tensors of gallery rows, one per part; None: the whole gallery]}, the activation sets to
+    compute (QB-Norm's; ``ACTIVE_ALL`` for the whole gallery). The log-sum-exp runs online (a running max per
+    gallery item), exact in float32. Results are on the CPU.
     """
     device = torch.device(device)
     n_bank = int(bank.shape[0])
@@ -66,7 +68,7 @@ def bank_stats(gallery: Any, bank: Any, betas: Sequence[float], partitions: dict
         raise ValueError("the bank is empty")
     g = _rows(gallery, 0, None, device)
     n = g.shape[0]
-    parts = {"all": [None], **(partitions or {})}
+    parts = dict(partitions or {})
     active = {name: torch.zeros(n, dtype=torch.bool, device=device) for name in parts}
     peak = torch.full((n,), -math.inf, device=device)
     sums = {float(b): torch.zeros(n, device=device) for b in betas}
@@ -78,7 +80,9 @@ def bank_stats(gallery: Any, bank: Any, betas: Sequence[float], partitions: dict
         peak = new_peak
         for name, sets in parts.items():
             for idx in sets:
-                hits = top_indices(s if idx is None else s[:, idx], top).reshape(-1)
+                scores = s if idx is None else s[:, idx]
+                # top-1: argmax gives the first best, as top_indices would, in one cheap pass
+                hits = scores.argmax(dim=1) if top == 1 else top_indices(scores, top).reshape(-1)
                 active[name][hits if idx is None else idx.to(device)[hits]] = True
         if progress is not None:
             progress(s.shape[0])

@@ -16,6 +16,7 @@ import torch
 from data.progress import Progress
 
 from .bank_norm import (
+    ACTIVE_ALL,
     BETA,
     BETAS,
     BankStats,
@@ -82,7 +83,9 @@ class BankRows:
             sims = _rows(v.images, 0, None, "cpu") @ _rows(v.texts, 0, None, "cpu").T
             needed = {("texts", "images"), ("images", "texts")} | \
                 ({("texts", "texts"), ("images", "images")} if "dbnorm" in self.methods else set())
-            stats = {(side, bank_side): self._pass("val", getattr(v, side), side, bank_side, BETAS)
+            qb = "qbnorm" in self.methods
+            stats = {(side, bank_side): self._pass("val", getattr(v, side), side, bank_side, BETAS,
+                                                   ACTIVE_ALL if qb and side != bank_side else None)
                      for side, bank_side in sorted(needed)}
             query_captions, query_images = stats["texts", "images"], stats["images", "texts"]
             if "qbnorm" in self.methods:
@@ -110,8 +113,10 @@ class BankRows:
                     betas.setdefault((side, side), set()).add(s[direction][1])
         for (side, bank_side), bs in sorted(betas.items()):
             parts = None
-            if self.folds is not None and "qbnorm" in self.methods and bank_side != side:
-                parts = {"folds": [torch.from_numpy(f[0 if side == "images" else 1]) for f in self.folds]}
+            if "qbnorm" in self.methods and bank_side != side:
+                parts = dict(ACTIVE_ALL)
+                if self.folds is not None:
+                    parts["folds"] = [torch.from_numpy(f[0 if side == "images" else 1]) for f in self.folds]
             self._test_stats[side, bank_side] = self._pass("test", getattr(self.test, side), side, bank_side,
                                                            sorted(bs), parts)
         return self._test_stats

@@ -7,6 +7,7 @@ import torch
 from test_evaluate_rerank import hub_problem
 
 from evaluate.bank_norm import (
+    ACTIVE_ALL,
     bank_block_rows,
     bank_stats,
     dbnorm_i2t,
@@ -23,7 +24,7 @@ def test_bank_pass_equals_brute_force():
     rng = np.random.default_rng(0)
     gallery, bank = rng.standard_normal((11, 5)).astype(np.float32), rng.standard_normal((23, 5)).astype(np.float32)
     parts = [torch.tensor([0, 1, 2, 3]), torch.tensor([4, 5, 6, 7, 8, 9, 10])]
-    stats = bank_stats(gallery, torch.from_numpy(bank), betas=(1.0, 20.0), partitions={"halves": parts},
+    stats = bank_stats(gallery, torch.from_numpy(bank), betas=(1.0, 20.0), partitions={"all": [None], "halves": parts},
                        bank_block=4)  # 6 blocks: the running log-sum-exp is exercised
     s = bank @ gallery.T  # bank x gallery
     for beta in (1.0, 20.0):
@@ -34,6 +35,9 @@ def test_bank_pass_equals_brute_force():
     assert stats.active["halves"].tolist() == [g in within for g in range(11)]
     assert stats.active["halves"].sum() >= stats.active["all"].sum()  # every part has its own top-1s
     assert bank_block_rows(12 * 1000 * 7, 1000) == 7 and bank_block_rows(1, 10 ** 6) == 1
+    assert bank_stats(gallery, bank, (1.0,)).active == {}  # DBNorm's passes need no activation set
+    top2 = bank_stats(gallery, bank, (1.0,), {"all": [None]}, top=2).active["all"]
+    assert top2.tolist() == [g in set(np.argsort(-s, axis=1)[:, :2].ravel()) for g in range(11)]
 
 
 def test_qbnorm_hand_checked():
@@ -77,8 +81,8 @@ def test_both_demote_a_hub_and_tune_on_val():
     img, txt, t2i, bank_img, bank_txt = hub_problem(np.random.default_rng(1))
     sims = torch.from_numpy(img @ txt.T)
     betas = (1.0, 10.0, 30.0)
-    images_q = bank_stats(img, bank_txt, betas)  # images vs the train-caption bank
-    captions_q = bank_stats(txt, bank_img, betas)
+    images_q = bank_stats(img, bank_txt, betas, ACTIVE_ALL)  # images vs the train-caption bank
+    captions_q = bank_stats(txt, bank_img, betas, ACTIVE_ALL)
     images_g, captions_g = bank_stats(img, bank_img, betas), bank_stats(txt, bank_txt, betas)
     assert images_q.lse[10.0].argmax() == 0  # the hub attracts the caption bank most
     before = retrieval_recall(sims, t2i)
