@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.coco_ids import read_coco_ids  # noqa: E402
 from data.index import SplitIndex  # noqa: E402
-from evaluate.bank_norm import BETAS, bank_block_rows, bank_stats  # noqa: E402
+from evaluate.bank_norm import ACTIVE_ALL, BETAS, bank_block_rows, bank_stats  # noqa: E402
 from evaluate.eccv import EccvMetrics, load_metrics  # noqa: E402
 from evaluate.protocols import Protocols  # noqa: E402
 from evaluate.recall import retrieval_ranks, retrieval_ranks_from_embeddings  # noqa: E402
@@ -103,14 +103,14 @@ def bench_banks(dim: int, scale: float, memory_gb: float) -> None:
     gallery_img, gallery_txt = unit(torch.randn(5000, dim, generator=gen)), unit(torch.randn(25000, dim, generator=gen))
     budget = int(memory_gb * 2 ** 30)
     total_val = total_test = 0.0
-    passes = ((gallery_img, "5,000 images", bank_txt, "captions", COCO_TRAIN[1]),  # QB-Norm and DBNorm
-              (gallery_txt, "25,000 captions", bank_img, "images", COCO_TRAIN[0]),  # QB-Norm and DBNorm
-              (gallery_img, "5,000 images", bank_img, "images", COCO_TRAIN[0]),  # DBNorm's gallery banks
-              (gallery_txt, "25,000 captions", bank_txt, "captions", COCO_TRAIN[1]))
-    for gallery, g_name, bank, b_name, n_full in passes:
+    passes = ((gallery_img, "5,000 images", bank_txt, "captions", COCO_TRAIN[1], ACTIVE_ALL),  # query banks, with
+              (gallery_txt, "25,000 captions", bank_img, "images", COCO_TRAIN[0], ACTIVE_ALL),  # QB-Norm's sets
+              (gallery_img, "5,000 images", bank_img, "images", COCO_TRAIN[0], None),  # DBNorm's gallery banks
+              (gallery_txt, "25,000 captions", bank_txt, "captions", COCO_TRAIN[1], None))
+    for gallery, g_name, bank, b_name, n_full, active in passes:
         block = bank_block_rows(budget, gallery.shape[0])
-        _, t_all = timed(bank_stats, gallery, bank, BETAS, None, 1, block)
-        _, t_one = timed(bank_stats, gallery, bank, (20.0,), None, 1, block)
+        _, t_all = timed(bank_stats, gallery, bank, BETAS, active, 1, block)
+        _, t_one = timed(bank_stats, gallery, bank, (20.0,), active, 1, block)
         full_all, full_one = t_all * n_full / bank.shape[0], t_one * n_full / bank.shape[0]
         total_val, total_test = total_val + full_all, total_test + full_one
         print(f"bank pass: {g_name} vs {bank.shape[0]:,} train {b_name} (block {block:,} rows): {len(BETAS)} betas "

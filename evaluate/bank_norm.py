@@ -17,7 +17,8 @@ item close to many queries) has a large bank sum and is demoted.
 
 Directions: image->text queries are images and the gallery captions (query bank: train images; gallery bank:
 train captions); text->image the reverse. Each beta is tuned per direction on val (the direction's R@1+R@5+R@10).
-The banks are read block by block: memory is about 3 x bank_block x gallery x 4 bytes (``bank_block_rows``).
+The banks are read block by block: memory is about 2 x bank_block x gallery x 4 bytes (``bank_block_rows``
+leaves room for a third).
 """
 from __future__ import annotations
 
@@ -75,8 +76,10 @@ def bank_stats(gallery: Any, bank: Any, betas: Sequence[float], partitions: dict
     for b0 in range(0, n_bank, bank_block):
         s = _rows(bank, b0, b0 + bank_block, device) @ g.T  # bank block x gallery
         new_peak = torch.maximum(peak, s.max(dim=0).values)
+        buf = torch.empty_like(s)  # one temporary for every beta: memory stays about 2 x the block's scores
         for beta, acc in sums.items():
-            acc.mul_(torch.exp(beta * (peak - new_peak))).add_(torch.exp(beta * (s - new_peak)).sum(dim=0))
+            torch.sub(s, new_peak, out=buf).mul_(beta).exp_()
+            acc.mul_(torch.exp(beta * (peak - new_peak))).add_(buf.sum(dim=0))
         peak = new_peak
         for name, sets in parts.items():
             for idx in sets:
