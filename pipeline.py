@@ -161,13 +161,9 @@ def score(**options) -> None:
     cfg = run_stage(from_options, ScoreConfig, options)
     result = run_stage(_score, cfg)
     from evaluate.plot import plot_recall_curves
-    from evaluate.table import COCO_1K_TITLE, CORRECTED_TITLE, aligned, corrected_columns, format_table, write_scores
+    from evaluate.table import eccv_by_method, format_tables, write_scores
 
-    click.echo(format_table(result["rows"]))
-    if "coco_1k" in result:
-        click.echo(f"{COCO_1K_TITLE}\n{format_table(result['coco_1k'])}")
-    if any("eccv" in row for row in result["rows"]):
-        click.echo(f"{CORRECTED_TITLE}\n{aligned(*corrected_columns(result['rows']))}")
+    click.echo(format_tables(result["rows"], result.get("coco_1k")))
     for key, note in result["notes"].items():
         click.echo(f"{key}: {note}")
     extra = {"notes": result["notes"], "config": cfg.to_dict(),
@@ -182,9 +178,8 @@ def score(**options) -> None:
                          extra)
         click.echo(f"scores: {path} and {path.with_suffix('.md')}")
     if cfg.plot:
-        corrected = {row["method"]: row["eccv"] for row in result["rows"] if "eccv" in row}
         run_stage(plot_recall_curves, result["curves"], cfg.plot, f"{cfg.dataset} {cfg.split}",
-                  result.get("curves_1k"), corrected or None)
+                  result.get("curves_1k"), eccv_by_method(result["rows"]))
         click.echo(f"recall@K plot: {cfg.plot}")
 
 

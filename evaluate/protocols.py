@@ -30,6 +30,10 @@ class Part:
     captions: torch.Tensor | None = None
     fold: int | None = None
 
+    @property
+    def whole(self) -> bool:
+        return self.images is None and self.captions is None
+
 
 @dataclass
 class Scores:
@@ -52,6 +56,11 @@ class Scores:
             return (a, a) if for_t2i is for_i2t else (a, part_of(for_t2i, part))
 
         return cls(np.asarray(present), block)
+
+    def computed(self) -> tuple[tuple[torch.Tensor, torch.Tensor], "Scores"]:
+        """(the whole split's scores, these Scores answering the whole split with them instead of again)."""
+        whole = self.block(Part())
+        return whole, Scores(self.present, lambda part: whole if part.whole else self.block(part), self.embeddings)
 
 
 def part_of(m: torch.Tensor, part: Part) -> torch.Tensor:

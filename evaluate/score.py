@@ -185,8 +185,7 @@ class Scorer:
             sub = ids if part.images is None else ids[part.images.numpy()]
             return late_fusion_similarities([e.similarities(sub, part.captions) for e in backbones], weights)
 
-        whole = block(Part())  # kept for the protocols' whole-split lists; folds recompute theirs
-        scores = Scores(ids, lambda part: whole if part == Part() else block(part))
+        whole, scores = Scores(ids, block).computed()
         self.add(method, *cov.expand(*ranks_of(*whole, cov.local_t2i)), scores)
 
     def rerank(self, emb: Embeddings, bank: Embeddings, alpha: float) -> None:
@@ -199,8 +198,8 @@ class Scorer:
     def bank_norm(self, emb: Embeddings, rows: BankRows, method: str) -> None:
         """A QB-Norm or DBNorm row (``method``) of one method, its settings tuned by ``rows``."""
         cov = self.split.coverage(emb.image_ids)
-        scores = rows.scores(method, emb.image_ids)
-        self.add(f"{emb.name}+{method}", *cov.expand(*ranks_of(*scores.block(Part()), cov.local_t2i)), scores)
+        whole, scores = rows.scores(method, emb.image_ids).computed()
+        self.add(f"{emb.name}+{method}", *cov.expand(*ranks_of(*whole, cov.local_t2i)), scores)
 
 
 def tuned_late_fusion_weights(val: SplitEmbeddings, names: list[str]) -> tuple[float, ...]:

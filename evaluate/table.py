@@ -72,6 +72,21 @@ def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return markdown(HEADERS, _cells(rows))
 
 
+def format_tables(rows: Sequence[Mapping[str, Any]], coco_1k: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """The recall table for the screen, then the COCO 1K table and the corrected-positives table when present."""
+    text = format_table(rows)
+    if coco_1k:
+        text += f"{COCO_1K_TITLE}\n{format_table(coco_1k)}"
+    if any("eccv" in r for r in rows):
+        text += f"{CORRECTED_TITLE}\n{aligned(*corrected_columns(rows))}"
+    return text
+
+
+def eccv_by_method(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict] | None:
+    """{method: its eccv dict} of the rows that have one (None: no row has)."""
+    return {r["method"]: r["eccv"] for r in rows if "eccv" in r} or None
+
+
 def write_scores(json_path: str | os.PathLike, dataset: str, split: str, run: str,
                  rows: Sequence[Mapping[str, Any]], extra: Mapping[str, Any] | None = None) -> Path:
     """Write {dataset, split, run, rows, **extra} to json_path and the markdown tables beside it (.md), atomically.
