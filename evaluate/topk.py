@@ -2,11 +2,12 @@
 
 The order is the one of ``recall.retrieval_ranks``: score descending, then candidate index ascending. It is
 exact with ties: the K-th best score of a row is found first, then every candidate at least as good is
-ordered by (score, index).
+ordered by (score, index). Scores are read in blocks of image rows (contiguous, and from embeddings computed
+once for both directions); each caption keeps a running top K across the blocks.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -17,9 +18,9 @@ def top_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     """Per row of x (queries x candidates), the indices of its k best candidates, best first, ties by index."""
     n = x.shape[1]
     k = min(k, n)
+    x = x.contiguous()  # topk along strided rows is several times slower
     if not torch.isfinite(x.sum()) and torch.isnan(x).any():  # the sum rules NaN out cheaply
         raise ValueError("similarity scores contain NaN")
-    x = x.contiguous()  # topk along strided rows is several times slower
     values, idx = x.topk(min(k + 1, n), dim=1)
     if n > k:
         tied = (values[:, k] == values[:, k - 1]).nonzero().squeeze(1)  # rows whose k-th score recurs beyond k
@@ -31,29 +32,39 @@ def top_indices(x: torch.Tensor, k: int) -> torch.Tensor:
     return idx.gather(1, by_score)[:, :k]
 
 
-def top_k(sims: Any, k: int, which: str = "both", block: int = 2048) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(i2t, t2i) of an images x captions score matrix: i2t[i] the k best captions of image i, t2i[j] the k best
-    images of caption j (int64 tensors; None for the direction not asked). block: queries per step."""
+def _top_of_blocks(blocks: Iterator[tuple[int, torch.Tensor]], k: int, which: str):
+    """(i2t, t2i) top-k lists from consecutive blocks (first row, rows x all captions) of an images x captions
+    matrix. A caption's running list holds earlier (lower-index) images, so merging by position keeps ties in
+    index order."""
     if which not in DIRECTIONS:
         raise ValueError(f"which must be one of {DIRECTIONS}, not {which!r}")
+    i2t, values, images = [], None, None
+    for r0, block in blocks:
+        if which in ("both", "i2t"):
+            i2t.append(top_indices(block, k).cpu())
+        if which in ("both", "t2i"):
+            cols = block.T.contiguous()  # captions x this block's images (a fast copy: the block is contiguous)
+            held = 0 if values is None else values.shape[1]
+            if values is not None:
+                cols = torch.cat([values, cols], dim=1)
+            top = top_indices(cols, k)
+            new = r0 + top - held  # a position past the held ones is an image of this block
+            images = new if images is None else torch.where(top < held, images.gather(1, top.clamp(max=held - 1)), new)
+            values = cols.gather(1, top)
+    return (torch.cat(i2t) if i2t else None), (images.cpu() if images is not None else None)
+
+
+def top_k(sims: Any, k: int, which: str = "both", block: int = 2048) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(i2t, t2i) of an images x captions score matrix: i2t[i] the k best captions of image i, t2i[j] the k best
+    images of caption j (int64 tensors; None for the direction not asked). block: image rows per step."""
     s = _tensor(sims)
-    i2t = t2i = None
-    if which in ("both", "i2t"):
-        i2t = torch.cat([top_indices(s[a:a + block], k) for a in range(0, s.shape[0], block)])
-    if which in ("both", "t2i"):
-        t2i = torch.cat([top_indices(s[:, a:a + block].T, k) for a in range(0, s.shape[1], block)])
-    return i2t, t2i
+    return _top_of_blocks(((a, s[a:a + block]) for a in range(0, s.shape[0], block)), k, which)
 
 
 def top_k_from_embeddings(image_embeds: Any, text_embeds: Any, k: int, block: int = 2048,
                           device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """top_k of image_embeds @ text_embeds.T, one block of queries at a time (float32 math; results on the CPU).
-
-    Memory: about block x (the other side's rows) x 4 bytes, plus both sides' embeddings.
-    """
+    """top_k of image_embeds @ text_embeds.T, each block of image rows computed once for both directions
+    (float32 math; results on the CPU). Memory: about 3 x block x captions x 4 bytes, plus the embeddings."""
     device = torch.device(device)
     images, texts = _rows(image_embeds, 0, None, device), _rows(text_embeds, 0, None, device)
-    i2t = [top_indices(images[a:a + block] @ texts.T, k).cpu() for a in range(0, images.shape[0], block)]
-    # Captions' scores as images @ texts.T computes them (the same products as the i2t side and the recall).
-    t2i = [top_indices((images @ texts[a:a + block].T).T, k).cpu() for a in range(0, texts.shape[0], block)]
-    return torch.cat(i2t), torch.cat(t2i)
+    return _top_of_blocks(((a, images[a:a + block] @ texts.T) for a in range(0, images.shape[0], block)), k, "both")
