@@ -5,7 +5,9 @@ the original COCO pairs, CxC's (Crisscrossed Captions) human-rated extra positiv
 machine-and-human-verified ones and, from separately downloaded files, PMRP's plausible matches. It scores
 ranked lists of ids. Here each query's list is its top K candidates in the recall metric's order; K = 50 is
 enough for ECCV Caption (at most 48 positives per query), CxC and COCO R@10; with PMRP files K grows to the
-longest PMRP positive list. The gallery is the package's: 5,000 images and 25,000 captions, so a split's extra
+longest PMRP positive list. A row's metrics are what ``Metrics.compute_all_metrics`` returns for TARGETS; PMRP is
+asked of ``Metrics.pmrp`` and added as ``"pmrp"`` (compute_all_metrics of eccv_caption 0.1.0 would file it under
+bare "i2t"/"t2i" keys). The gallery is the package's: 5,000 images and 25,000 captions, so a split's extra
 captions (the Karpathy test split has 25,010) are left out of the image->text lists and are not queries.
 """
 from __future__ import annotations
@@ -48,7 +50,7 @@ class EccvMetrics:
 
     def __init__(self, image_ids: np.ndarray, caption_ids: np.ndarray, where: str, pmrp: str | None = None):
         self.metrics = load_metrics(pmrp)
-        self.targets = TARGETS + (("pmrp",) if pmrp else ())
+        self.targets = TARGETS + (("pmrp",) if pmrp else ())  # what a row's dict holds
         self.image_ids, self.caption_ids = np.asarray(image_ids), np.asarray(caption_ids)
         package_images = set(self.metrics.coco_gts["i2t"])
         package_captions = set(int(c) for c in self.metrics.coco_ids)
@@ -89,4 +91,7 @@ class EccvMetrics:
         ids = self.image_ids[t2i_rows[:, :self.k]]
         t2i = {c: ids[j].tolist() for j, c in enumerate(self.caption_ids.tolist()) if self.kept[j]}
         with contextlib.redirect_stderr(io.StringIO()):  # the package draws progress bars it cannot switch off
-            return self.metrics.compute_all_metrics(i2t, t2i, target_metrics=self.targets, Ks=KS, verbose=False)
+            out = self.metrics.compute_all_metrics(i2t, t2i, target_metrics=TARGETS, Ks=KS, verbose=False)
+            if "pmrp" in self.targets:
+                out["pmrp"] = self.metrics.pmrp({"i2t": i2t, "t2i": t2i}, "all")
+        return out

@@ -134,3 +134,24 @@ def test_coco_ids_matched_by_file_name_and_text(tmp_path):
         read_coco_ids(path, index)
     with pytest.raises(PipelineError, match="no such file"):
         read_coco_ids(tmp_path / "nothing.json", index)
+
+
+def test_pmrp_files_add_pmrp_and_lengthen_the_lists(package_ids, tmp_path):
+    """Stand-in PM files (the real ones are a separate 140 MB download): COCO's own pairs, one query with 60."""
+    images, captions = package_ids
+    metrics = load_metrics()
+    i2t = {str(i): v for i, v in metrics.coco_gts["i2t"].items()}
+    t2i = {str(c): v for c, v in metrics.coco_gts["t2i"].items()}
+    t2i[str(captions[0])] = images[:60].tolist()
+    (tmp_path / "pm_image_to_caption.json").write_text(json.dumps(i2t))
+    (tmp_path / "pm_caption_to_image.json").write_text(json.dumps(t2i))
+    eccv = EccvMetrics(images, captions, "coco/test", pmrp=str(tmp_path))
+    assert eccv.k == 60 and eccv.targets[-1] == "pmrp"
+    rng = np.random.default_rng(1)
+    i2t_top = torch.from_numpy(np.stack([rng.permutation(len(captions))[:60] for _ in images]))
+    t2i_top = torch.from_numpy(np.stack([rng.permutation(len(images))[:60] for _ in captions]))
+    got = eccv(i2t_top, t2i_top)
+    want = load_metrics(str(tmp_path)).pmrp({"i2t": {int(i): captions[r].tolist() for i, r in zip(images, i2t_top)},
+                                              "t2i": {int(c): images[r].tolist() for c, r in zip(captions, t2i_top)}},
+                                             "all")
+    assert got["pmrp"] == want
