@@ -93,39 +93,36 @@ def bank_stats(gallery: Any, bank: Any, betas: Sequence[float], partitions: dict
     return BankStats(lse, {name: a.cpu() for name, a in active.items()})
 
 
-def _first_best(sims: torch.Tensor, dim: int) -> torch.Tensor:
-    """Index of each query's best candidate (the lowest index among equals, as the recall ranks them)."""
-    return sims.argmax(dim=dim)
-
-
 def qbnorm_i2t(sims: torch.Tensor, beta: float, lse_captions: torch.Tensor,
                active_captions: torch.Tensor) -> torch.Tensor:
     """images x captions scores for image queries after the dynamic inverted softmax (captions' stats vs the
-    train-image bank)."""
-    normalised = active_captions[_first_best(sims, 1)]
-    return torch.where(normalised[:, None], beta * sims - lse_captions[None, :], sims)
+    train-image bank): beta s - lse for an image whose best caption is active, s for the others."""
+    normalised = active_captions[sims.argmax(dim=1)].to(sims.dtype)  # argmax: the first best, as ranks break ties
+    out = sims * (1 + (beta - 1) * normalised)[:, None]
+    return out.addr_(normalised, lse_captions.to(sims.dtype), alpha=-1)  # in place: no second full matrix
 
 
 def qbnorm_t2i(sims: torch.Tensor, beta: float, lse_images: torch.Tensor,
                active_images: torch.Tensor) -> torch.Tensor:
     """images x captions scores for caption queries after the dynamic inverted softmax (images' stats vs the
-    train-caption bank)."""
-    normalised = active_images[_first_best(sims, 0)]
-    return torch.where(normalised[None, :], beta * sims - lse_images[:, None], sims)
+    train-caption bank): beta s - lse for a caption whose best image is active, s for the others."""
+    normalised = active_images[sims.argmax(dim=0)].to(sims.dtype)
+    out = sims * (1 + (beta - 1) * normalised)[None, :]
+    return out.addr_(lse_images.to(sims.dtype), normalised, alpha=-1)
 
 
 def dbnorm_i2t(sims: torch.Tensor, betas: tuple[float, float], query_lse_captions: torch.Tensor,
                gallery_lse_captions: torch.Tensor) -> torch.Tensor:
     """images x captions scores for image queries after the dual inverted softmax: query bank = train images
     (its LSE at beta1), gallery bank = train captions (at beta2)."""
-    return (betas[0] + betas[1]) * sims - (query_lse_captions + gallery_lse_captions)[None, :]
+    return (sims * (betas[0] + betas[1])).sub_((query_lse_captions + gallery_lse_captions)[None, :])
 
 
 def dbnorm_t2i(sims: torch.Tensor, betas: tuple[float, float], query_lse_images: torch.Tensor,
                gallery_lse_images: torch.Tensor) -> torch.Tensor:
     """images x captions scores for caption queries after the dual inverted softmax: query bank = train captions
     (at beta1), gallery bank = train images (at beta2)."""
-    return (betas[0] + betas[1]) * sims - (query_lse_images + gallery_lse_images)[:, None]
+    return (sims * (betas[0] + betas[1])).sub_((query_lse_images + gallery_lse_images)[:, None])
 
 
 def _direction_sum(scores: torch.Tensor, text_to_image: Any, direction: str, ks: Sequence[int]) -> float:
