@@ -93,20 +93,34 @@ def bank_stats(gallery: Any, bank: Any, betas: Sequence[float], partitions: dict
     return BankStats(lse, {name: a.cpu() for name, a in active.items()})
 
 
-def qbnorm_i2t(sims: torch.Tensor, beta: float, lse_captions: torch.Tensor,
-               active_captions: torch.Tensor) -> torch.Tensor:
+def first_best(sims: torch.Tensor, dim: int) -> torch.Tensor:
+    """Index of each query's best candidate along ``dim`` (the lowest among equals, as the ranks break ties).
+
+    Along dim 0 of a row-major matrix, argmax is slow: the column maxima, then the first row holding each."""
+    if dim == 1:
+        return sims.argmax(dim=1)
+    peak = sims.amax(dim=0)
+    rows, cols = (sims == peak).nonzero().unbind(1)
+    first = torch.full((sims.shape[1],), sims.shape[0], dtype=torch.long, device=sims.device)
+    return first.scatter_reduce_(0, cols, rows, "amin")
+
+
+def qbnorm_i2t(sims: torch.Tensor, beta: float, lse_captions: torch.Tensor, active_captions: torch.Tensor,
+               best: torch.Tensor | None = None) -> torch.Tensor:
     """images x captions scores for image queries after the dynamic inverted softmax (captions' stats vs the
-    train-image bank): beta s - lse for an image whose best caption is active, s for the others."""
-    normalised = active_captions[sims.argmax(dim=1)].to(sims.dtype)  # argmax: the first best, as ranks break ties
+    train-image bank): beta s - lse for an image whose best caption is active, s for the others.
+    best: ``first_best(sims, 1)`` when already known."""
+    normalised = active_captions[first_best(sims, 1) if best is None else best].to(sims.dtype)
     out = sims * (1 + (beta - 1) * normalised)[:, None]
     return out.addr_(normalised, lse_captions.to(sims.dtype), alpha=-1)  # in place: no second full matrix
 
 
-def qbnorm_t2i(sims: torch.Tensor, beta: float, lse_images: torch.Tensor,
-               active_images: torch.Tensor) -> torch.Tensor:
+def qbnorm_t2i(sims: torch.Tensor, beta: float, lse_images: torch.Tensor, active_images: torch.Tensor,
+               best: torch.Tensor | None = None) -> torch.Tensor:
     """images x captions scores for caption queries after the dynamic inverted softmax (images' stats vs the
-    train-caption bank): beta s - lse for a caption whose best image is active, s for the others."""
-    normalised = active_images[sims.argmax(dim=0)].to(sims.dtype)
+    train-caption bank): beta s - lse for a caption whose best image is active, s for the others.
+    best: ``first_best(sims, 0)`` when already known."""
+    normalised = active_images[first_best(sims, 0) if best is None else best].to(sims.dtype)
     out = sims * (1 + (beta - 1) * normalised)[None, :]
     return out.addr_(lse_images.to(sims.dtype), normalised, alpha=-1)
 
@@ -148,9 +162,10 @@ def tune_qbnorm(sims_val: torch.Tensor, text_to_image_val: Any, captions: BankSt
     captions: the val captions against the train-image bank; images: the val images against the train-caption
     bank; both computed at every beta of ``betas``.
     """
-    i2t = best_setting(betas, lambda b: qbnorm_i2t(sims_val, b, captions.lse[b], captions.active["all"]),
-                       text_to_image_val, "i2t")
-    t2i = best_setting(betas, lambda b: qbnorm_t2i(sims_val, b, images.lse[b], images.active["all"]),
+    best_captions, best_images = first_best(sims_val, 1), first_best(sims_val, 0)  # the same for every beta
+    i2t = best_setting(betas, lambda b: qbnorm_i2t(sims_val, b, captions.lse[b], captions.active["all"],
+                                                   best_captions), text_to_image_val, "i2t")
+    t2i = best_setting(betas, lambda b: qbnorm_t2i(sims_val, b, images.lse[b], images.active["all"], best_images),
                        text_to_image_val, "t2i")
     return i2t, t2i
 

@@ -12,6 +12,7 @@ from evaluate.bank_norm import (
     bank_stats,
     dbnorm_i2t,
     dbnorm_t2i,
+    first_best,
     qbnorm_i2t,
     qbnorm_t2i,
     tune_dbnorm,
@@ -93,6 +94,13 @@ def test_both_demote_a_hub_and_tune_on_val():
     assert d_i2t in {(a, b) for a in betas for b in betas}
     after = retrieval_recall(dbnorm_t2i(sims, d_t2i, images_q.lse[d_t2i[0]], images_g.lse[d_t2i[1]]), t2i)
     assert after["t2i_r1"] > before["t2i_r1"]
+
+
+def test_first_best_breaks_ties_by_index():
+    sims = torch.tensor([[1.0, 5.0, 2.0], [3.0, 5.0, 2.0], [3.0, 0.0, 2.0]])
+    assert first_best(sims, 0).tolist() == [1, 0, 0] and first_best(sims, 1).tolist() == [1, 1, 0]
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 3, (40, 30)).astype(np.float32))
+    assert torch.equal(first_best(x, 0), x.argmax(dim=0)) and torch.equal(first_best(x, 1), x.argmax(dim=1))
 
 
 def test_empty_bank_is_refused():
