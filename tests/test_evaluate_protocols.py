@@ -155,3 +155,13 @@ def test_pmrp_files_add_pmrp_and_lengthen_the_lists(package_ids, tmp_path):
                                               "t2i": {int(c): images[r].tolist() for c, r in zip(captions, t2i_top)}},
                                              "all")
     assert got["pmrp"] == want
+
+
+def test_a_method_missing_images_gets_no_eccv_metrics(package_ids):
+    images, captions = package_ids
+    protocols = Protocols(np.repeat(np.arange(5000), 5), 5000, eccv=EccvMetrics(images, captions, "coco/test"))
+    row = {"method": "m"}
+    present = np.delete(np.arange(5000), [3, 7])
+    protocols.add(row, Scores.of_matrices(present, torch.zeros(4998, 25000), torch.zeros(4998, 25000)))
+    assert "eccv" not in row and "2 test images are missing" in protocols.notes["eccv_skipped"]["m"]
+    assert "top 50" in protocols.notes["eccv"]
