@@ -157,15 +157,16 @@ def score(**options) -> None:
 
     if not options["sims"] or not options["dataset"]:
         options["dataset"] = run_stage(dataset_in_cache, options["cache"], options["dataset"])
-    cfg = ScoreConfig(**options)
+    cfg = run_stage(from_options, ScoreConfig, options)
     result = run_stage(_score, cfg)
     from evaluate.plot import plot_recall_curves
-    from evaluate.table import format_table, write_scores
+    from evaluate.table import eccv_by_method, format_tables, write_scores
 
-    click.echo(format_table(result["rows"]))
+    click.echo(format_tables(result["rows"], result.get("coco_1k")))
     for key, note in result["notes"].items():
         click.echo(f"{key}: {note}")
-    extra = {"notes": result["notes"], "config": cfg.to_dict()}
+    extra = {"notes": result["notes"], "config": cfg.to_dict(),
+             **({"coco_1k": result["coco_1k"]} if "coco_1k" in result else {})}
     if result.get("fusion"):
         extra["fusion"] = result["fusion"]
         learned = result["fusion"]["learned"]
@@ -176,7 +177,8 @@ def score(**options) -> None:
                          extra)
         click.echo(f"scores: {path} and {path.with_suffix('.md')}")
     if cfg.plot:
-        run_stage(plot_recall_curves, result["curves"], cfg.plot, f"{cfg.dataset} {cfg.split}")
+        run_stage(plot_recall_curves, result["curves"], cfg.plot, f"{cfg.dataset} {cfg.split}",
+                  result.get("curves_1k"), eccv_by_method(result["rows"]))
         click.echo(f"recall@K plot: {cfg.plot}")
     if cfg.gallery:
         from evaluate.gallery import gallery
@@ -203,7 +205,7 @@ def _score(cfg: ScoreConfig) -> dict:
         from fuse.run import encode_run, run_summary
 
         logging.getLogger("pipeline.score").info("scoring run %s (backbones %s)", run, ", ".join(names))
-        for split in dict.fromkeys([cfg.split, "val"] + (["train"] if cfg.rerank else [])):
+        for split in dict.fromkeys([cfg.split, "val"] + (["train"] if cfg.needs_train else [])):
             if split == cfg.split or cached_for(cfg, split, names):  # a split that is not cached is skipped
                 fused[split] = encode_run(Path(cfg.runs) / run, split, cfg.cache, cfg.device, cfg.memory_gb)
         summary = run_summary(Path(cfg.runs) / run)

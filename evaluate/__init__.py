@@ -1,4 +1,5 @@
-"""Scoring from cached embeddings: recall metrics, late fusion, NNN re-ranking, the score table and plots."""
+"""Scoring from cached embeddings: recall metrics, late fusion, NNN, QB-Norm and DBNorm rows, COCO 1K and ECCV
+Caption protocols, the score table and plots."""
 from .late_fusion import late_fusion_ranks, late_fusion_recall, standardise, tune_weights, weight_grid
 from .recall import (
     recall_at_k,

@@ -38,6 +38,11 @@ def _standardised(sims_list: Sequence[Any]) -> tuple[list[torch.Tensor], list[to
             [standardise(s, CANDIDATE_DIM["t2i"]) for s in sims_list])
 
 
+def _check(sims_list: Sequence[Any], weights: Sequence[float]) -> None:
+    if len(sims_list) != len(weights) or not sims_list:
+        raise ValueError(f"{len(sims_list)} matrices for {len(weights)} weights")
+
+
 def _fused_ranks(z_rows: Sequence[torch.Tensor], z_cols: Sequence[torch.Tensor], weights: Sequence[float],
                  text_to_image: Any):
     i2t, _ = retrieval_ranks(_fuse(z_rows, weights), text_to_image, which="i2t")
@@ -45,10 +50,17 @@ def _fused_ranks(z_rows: Sequence[torch.Tensor], z_cols: Sequence[torch.Tensor],
     return i2t, t2i
 
 
+def late_fusion_similarities(sims_list: Sequence[Any], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(for_i2t, for_t2i) fused images x captions scores: the row-standardised sum ranks captions for each image,
+    the column-standardised one images for each caption."""
+    _check(sims_list, weights)
+    z_rows, z_cols = _standardised(sims_list)
+    return _fuse(z_rows, weights), _fuse(z_cols, weights)
+
+
 def late_fusion_ranks(sims_list: Sequence[Any], weights: Sequence[float], text_to_image: Any):
     """(i2t ranks, t2i ranks) of the fused scores: i2t from the row-standardised sum, t2i from the column one."""
-    if len(sims_list) != len(weights) or not sims_list:
-        raise ValueError(f"{len(sims_list)} matrices for {len(weights)} weights")
+    _check(sims_list, weights)
     return _fused_ranks(*_standardised(sims_list), weights, text_to_image)
 
 

@@ -66,9 +66,14 @@ def test_scoring_val_says_it_is_optimistic(fused_run, tmp_path):
 
 def test_rerank_rows(fused_run, tmp_path):
     cache, runs = fused_run
-    run_cli("score", "--dataset", "demo", "--cache", cache, "--runs", runs, "--rerank", "--json", tmp_path / "s.json")
-    methods = [r["method"] for r in json.loads((tmp_path / "s.json").read_text())["rows"]]
-    assert methods[-3:] == ["blip-tiny+rerank", "clip-tiny+rerank", "hada+rerank"]
+    run_cli("score", "--dataset", "demo", "--cache", cache, "--runs", runs, "--rerank", "--qbnorm", "--dbnorm",
+            "--json", tmp_path / "s.json")
+    doc = json.loads((tmp_path / "s.json").read_text())
+    methods = [r["method"] for r in doc["rows"]]
+    assert methods[4:] == ["blip-tiny+rerank", "clip-tiny+rerank", "hada+rerank", "blip-tiny+qbnorm",
+                           "blip-tiny+dbnorm", "clip-tiny+qbnorm", "clip-tiny+dbnorm", "hada+qbnorm", "hada+dbnorm"]
+    assert set(doc["notes"]["qbnorm_betas"]["hada"]) == {"i2t", "t2i"}
+    assert len(doc["notes"]["dbnorm_betas"]["hada"]["t2i"]) == 2  # (beta1, beta2)
 
 
 def test_external_similarity_matrices(fused_run, tmp_path):
@@ -91,7 +96,7 @@ def test_external_similarity_matrices(fused_run, tmp_path):
     (tmp_path / "junk.pt").write_text("not a tensor file")
     out = run_cli("score", "--dataset", "demo", "--cache", cache, "--sims", tmp_path / "junk.pt", expect=2).output
     assert out.count("\n") == 1 and "junk.pt cannot be loaded safely: not a PyTorch file" in out
-    for extra in (("--run", "r"), ("--rerank",)):
+    for extra in (("--run", "r"), ("--rerank",), ("--qbnorm",), ("--dbnorm",)):
         out = run_cli("score", "--dataset", "demo", "--cache", cache, "--sims", tmp_path / "a.npy", *extra,
                       expect=2).output
         assert f"{extra[0]} cannot be combined with --sims" in out
