@@ -33,9 +33,6 @@ def check_config(cfg: ExtractConfig) -> None:
         raise PipelineError("--precision fp16 needs a GPU; use bf16 or fp32 on the CPU")
     if cfg.scheduler == "distributed" and not cfg.address:
         raise PipelineError("--scheduler distributed needs --address tcp://HOST:PORT of a running dask scheduler")
-    if cfg.captions_per_image and cfg.split == "train":
-        raise PipelineError(f"--captions-per-image {cfg.captions_per_image} applies to the scored splits (val, test, "
-                            f"all): the train split keeps every caption, as the reference trains")
     if cfg.address and cfg.scheduler != "distributed":
         raise PipelineError(f"--address {cfg.address} is for --scheduler distributed (now --scheduler "
                             f"{cfg.scheduler}): add --scheduler distributed, or leave --address out")
@@ -65,6 +62,9 @@ def plan_runs(cfg: ExtractConfig) -> list[tuple[ExtractConfig, SplitIndex]]:
                             f"them one at a time" if takers else f"--processor applies to blip and albef (weights "
                             f"that hold no tokenizer), not to {', '.join(names)}")
     check_config(cfg)
+    if cfg.captions_per_image and cfg.split == "train":  # (run_extract is then called once per split: not there)
+        raise PipelineError(f"--captions-per-image {cfg.captions_per_image} applies to the scored splits (val, test, "
+                            f"all): the train split keeps every caption, as the reference trains")
     dataset = dataset_in_data_root(cfg.data_root, cfg.dataset)
     spec = resolve(dataset, cfg.data_root, cfg.annotations, cfg.images, cfg.webdataset, cfg.reading())
     check_image_root(spec, cfg)
