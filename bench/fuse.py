@@ -24,6 +24,10 @@ both text encoders (0 skips it).
 
     PYTHONPATH=. python bench/fuse.py --scale 0.01 --batch-size 128 --backbone-batch 0 --out r.json  # CPU goal
     PYTHONPATH=. python bench/fuse.py --scale 1.0 --device cuda --precision bf16 --batch-size 40 --steps 50
+    PYTHONPATH=. python bench/fuse.py --scale 0.01 --batch-size 128 --no-floor --steps 1 --profile   # where time goes
+
+--profile: after the timed steps, one more warm step under torch.profiler; prints its top operators by self
+time (host time on CPU, device time on a GPU), grouped by input shapes, and adds them to the JSON.
 """
 from __future__ import annotations
 
@@ -37,10 +41,15 @@ ROOT, HERE = Path(__file__).resolve().parents[1], Path(__file__).resolve().paren
 # `python bench/fuse.py` puts bench/ first on sys.path, where this file would shadow the `fuse` package.
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
+from data.logs import hide_third_party_noise  # noqa: E402
+
+hide_third_party_noise()  # before torch_geometric is imported (by fuse.model)
+
 import torch  # noqa: E402
 
 from bench.extract import full_blip, full_clip, machine, sync, write_json  # noqa: E402
 from bench.memory import reset_peak_rss, rss_gib  # noqa: E402
+from bench.operators import print_operators, top_operators  # noqa: E402
 from data.device import autocast, pick_device  # noqa: E402
 from data.options import from_options  # noqa: E402
 from fuse.batch import PackedFeatures, gather_batch  # noqa: E402
@@ -100,32 +109,37 @@ def floor_pass(encoder, blocks, grad: bool) -> torch.Tensor:
         return encoder.readout(h, blocks)
 
 
+def floor_step(trainer: Trainer, features: SplitFeatures, batch: Batch) -> None:
+    """The dense layers of one training step: online encoders forward + backward, momentum encoders forward."""
+    model, device = trainer.model, trainer.device
+    image_blocks = gather_batch(features.images, features.image_rows(batch.images, batch.views), device)
+    text_blocks = gather_batch(features.texts, batch.captions, device)
+    with autocast(device, trainer.cfg.precision):
+        loss = sum((floor_pass(enc, blocks, True) * 1e-3).sum()
+                   for enc, blocks in ((model.image_encoder, image_blocks), (model.text_encoder, text_blocks)))
+        floor_pass(model.image_encoder_m, image_blocks, False)
+        floor_pass(model.text_encoder_m, text_blocks, False)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
 def time_steps(trainer: Trainer, features: SplitFeatures, plan: list[Batch], warmup: int, floor: bool) -> float:
     """Seconds per step (after warm-up) of the training step, or of its dense-layer floor."""
-    model, device = trainer.model, trainer.device
-    model.train()
+    trainer.model.train()
 
     def run(batch: Batch) -> None:
-        if not floor:
+        if floor:
+            floor_step(trainer, features, batch)
+        else:
             trainer.step(features, batch, 0)
-            return
-        image_blocks = gather_batch(features.images, features.image_rows(batch.images, batch.views), device)
-        text_blocks = gather_batch(features.texts, batch.captions, device)
-        with autocast(device, trainer.cfg.precision):
-            loss = sum((floor_pass(enc, blocks, True) * 1e-3).sum()
-                       for enc, blocks in ((model.image_encoder, image_blocks), (model.text_encoder, text_blocks)))
-            floor_pass(model.image_encoder_m, image_blocks, False)
-            floor_pass(model.text_encoder_m, text_blocks, False)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
 
     for b in plan[:warmup]:
         run(b)
-    sync(device)
+    sync(trainer.device)
     t0 = time.perf_counter()
     for b in plan[warmup:]:
         run(b)
-    sync(device)
+    sync(trainer.device)
     return (time.perf_counter() - t0) / (len(plan) - warmup)
 
 
@@ -175,6 +189,9 @@ def main() -> None:
     ap.add_argument("--no-floor", action="store_true", help="skip timing the dense-layer floor")
     ap.add_argument("--backbone-batch", type=int, default=0, help="batch for the full-size backbones (0: skip)")
     ap.add_argument("--backbone-reps", type=int, default=1)
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one more warm step: print its top operators (self time, input shapes)")
+    ap.add_argument("--profile-rows", type=int, default=20, help="operators --profile prints")
     ap.add_argument("--out", default=f"bench/results/fuse-{os.uname().nodename}.json")
     args = ap.parse_args()
     device = pick_device(args.device)
@@ -198,7 +215,8 @@ def main() -> None:
             "text_embeds": [256, 768]}
     torch.manual_seed(0)
     trainer = Trainer(cfg, build_model(dims, cfg), device)
-    plan = batches(n_images, n_captions, args.batch_size, args.warmup + args.steps)
+    plan = batches(n_images, n_captions, args.batch_size, args.warmup + args.steps + args.profile)
+    profiled = plan.pop() if args.profile else None
     result = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -211,6 +229,8 @@ def main() -> None:
     if not args.no_floor:
         floor = time_steps(trainer, features, plan, args.warmup, floor=True)
         result["floor"] = {"floor_seconds": floor, "ratio_step_to_floor": step / floor}
+    if profiled is not None:
+        result["profile"] = top_operators(lambda: trainer.step(features, profiled, 0), device, args.profile_rows)
     result["step_seconds"] = step
     result["peak_host_gib"] = result["step"]["peak_host_gib"]
     if args.backbone_batch:
@@ -236,6 +256,8 @@ def main() -> None:
         print(f"backbones, batch {bb['batch']} {bb['precision']}: {parts} s -> {bb['seconds_per_pair'] * 1e3:.1f} "
               f"ms/pair; recomputed epoch {bb['recomputed_epoch_seconds']:.0f} s = "
               f"{bb['ratio_recomputed_to_cached']:.1f}x the cached epoch")
+    if "profile" in result:
+        print_operators(result["profile"])
     write_json(args.out, {"machine": info, "setup": setup, **result})
 
 

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import GATv2Conv
 
 from evaluate.weighted import mix_scores
-from fuse.attention import star_gatv2
+from fuse.attention import Sources, star_gatv2_rows
 from fuse.batch import NodeBlock
 from fuse.config import ATTENTION, FuseConfig, ModelConfig
 from fuse.graph import bipartite_graph, dense_graph
@@ -115,20 +115,19 @@ class GraphEncoder(nn.Module):
         """(N * B, heads * width): the graph layer's output at every sample's global nodes (sample-major).
 
         ``attention="pyg"`` runs ``GATv2Conv.forward`` on the edge list; the dense kinds compute the same from
-        the same parameters per sample (``fuse.attention.star_gatv2``), without per-edge width-sized tensors.
-        ``graph``: ``self.graph(blocks)``, built here if not given.
+        the same parameters per sample (``fuse.attention.star_gatv2_rows``), without per-edge width-sized
+        tensors, reading the stacked rows where they are (no padded copy). ``graph``: ``self.graph(blocks)``,
+        built here if not given.
         """
         graph = self.graph(blocks) if graph is None else graph
         nodes = torch.cat(x)
         if self.attention == "pyg":
             edge_index, edge_attr, global_index = graph
             return self.conv((nodes, nodes[global_index.reshape(-1)]), edge_index, edge_attr.to(nodes.dtype))
-        n, slots = blocks[0].batch_size, graph.mask.size(1)
-        x_src = nodes.new_zeros(n * slots, nodes.size(1)).index_copy(0, torch.cat(graph.slots), nodes)
-        x_src = x_src.view(n, slots, -1)
-        x_dst = x_src[torch.arange(n, device=nodes.device).unsqueeze(1), graph.global_slot]
-        out = star_gatv2(self.conv, x_src, graph.mask, x_dst, graph.edge_attr, impl=ATTENTION[self.attention])
-        return out.reshape(n * self.num_backbones, -1)
+        sources = Sources(graph.row, graph.mask, torch.cat(graph.slots))
+        out = star_gatv2_rows(self.conv, nodes, sources, nodes[graph.global_row], graph.edge_attr,
+                              impl=ATTENTION[self.attention])
+        return out.reshape(blocks[0].batch_size * self.num_backbones, -1)
 
     def forward(self, blocks: Sequence[NodeBlock], graph=None) -> Tensor:
         """(batch, embed_dim) float32, unit rows; ``graph`` as ``attend`` takes it."""
