@@ -271,6 +271,12 @@ def _eager_grads(x_l, x_r, e, w, att, g, alpha, g_out, slope, chunk, need_edge):
 # Dispatch between the two.
 # --------------------------------------------------------------------------------------
 
+# Inductor stores a pointwise result that several users read when it has more than
+# ``realize_reads_threshold`` (4) inputs: with the row index, ``z`` has five (x_l, row, x_r, e,
+# w) and would be stored whole, (N, T, S, H, C). A higher threshold keeps it in registers.
+_INDUCTOR_OPTIONS = {"realize_reads_threshold": 8}
+
+
 class _Compiled:
     """Lazily compiled fused passes; remembers a compile failure (then impl 'auto' runs eager)."""
 
@@ -280,7 +286,7 @@ class _Compiled:
 
     def __call__(self, name: str, fn: Callable, *args):
         if name not in self._fns:
-            self._fns[name] = torch.compile(fn, dynamic=True)
+            self._fns[name] = torch.compile(fn, dynamic=True, options=_INDUCTOR_OPTIONS)
         return self._fns[name](*args)
 
 

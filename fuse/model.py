@@ -189,6 +189,7 @@ class HadaModel(nn.Module):
         self.register_buffer("text_first_queue", torch.empty(first, q))
         self.register_buffer("idx_queue", torch.empty(q, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self._scratch: dict[str, Tensor] = {}  # see _keys
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -270,12 +271,12 @@ class HadaModel(nn.Module):
             same = ids.view(-1, 1) == ids.view(1, -1)
 
         with torch.autocast(img.device.type, enabled=False):  # similarities in float32
-            sim_i2t = img @ torch.cat([txt_m, self.text_queue.t()]).t() / self.temp
-            sim_t2i = txt @ torch.cat([img_m, self.image_queue.t()]).t() / self.temp
+            sim_i2t = img @ self._keys("i2t", txt_m, self.text_queue) / self.temp
+            sim_t2i = txt @ self._keys("t2i", img_m, self.image_queue) / self.temp
             if cfg.weighted:
                 w = self.mixing_weight()
-                first_i2t = img0 @ torch.cat([txt0, self.text_first_queue.t()]).t() / self.temp
-                first_t2i = txt0 @ torch.cat([img0, self.image_first_queue.t()]).t() / self.temp
+                first_i2t = img0 @ self._keys("first_i2t", txt0, self.text_first_queue) / self.temp
+                first_t2i = txt0 @ self._keys("first_t2i", img0, self.image_first_queue) / self.temp
                 loss_itc = itc_loss(mix_scores(sim_i2t, first_i2t, w), mix_scores(sim_t2i, first_t2i, w), targets)
             else:
                 loss_itc = itc_loss(sim_i2t, sim_t2i, targets)
@@ -292,6 +293,18 @@ class HadaModel(nn.Module):
         if self.training:
             self._enqueue(img_m, txt_m, img0, txt0, ids)
         return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm}
+
+    @torch.no_grad()
+    def _keys(self, name: str, batch: Tensor, queue: Tensor) -> Tensor:
+        """(D, N + Q): the batch's (momentum) features, then the queue's columns: what the similarities compare
+        against. Written into a buffer kept from step to step (a plain copy of the queue, never transposed):
+        on CPU a fresh tensor this large comes from the OS and costs page faults at every step. The product
+        saves it for backward; the next step's write bumps its version, so a stale graph fails loudly."""
+        shape = (queue.size(0), batch.size(0) + queue.size(1))
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape != shape or buf.device != queue.device or buf.dtype != queue.dtype:
+            buf = self._scratch[name] = queue.new_empty(shape)
+        return torch.cat([batch.t().to(queue.dtype), queue], dim=1, out=buf)
 
     @torch.no_grad()
     def _enqueue(self, img_m: Tensor, txt_m: Tensor, img0: Tensor, txt0: Tensor, ids: Tensor) -> None:
