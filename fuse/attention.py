@@ -26,17 +26,28 @@ nothing larger than ``x_l``:
   ``d x_l`` (message and score terms together), one reduction over s giving
   ``d x_r``, ``d lin_edge.weight`` and ``d att``.
 
+Layouts. :func:`star_gatv2` takes padded sources (N, S, F). :func:`star_gatv2_rows`
+takes them as the rows of a stacked (R, F) matrix (HADA's encoder: every
+backbone's projected rows, one after the other) and a :class:`Sources` index that
+places each row in its sample's slot: ``lin_l`` runs on the rows as they are, and
+the passes read ``x_l[row[n, s]]`` where ``lin_l`` wrote it and write ``d x_l``
+row by row. No padded copy, transpose or zero-fill of the sources or of ``x_l``
+is made, forward or backward, and padding slots cost no ``lin_l`` work.
+
 Two implementations of those passes:
 
 * ``compiled``: ``torch.compile`` of whole-tensor expressions; inductor turns
   each into one loop nest that never stores a (N, T, S, H, C) tensor (C++/OpenMP
-  on CPU, Triton on GPU). Compiled lazily on first use (about 10-60 s in all on a
-  2-core CPU, cached on disk by inductor); shapes are dynamic, so new batch or
-  token counts do not recompile (sizes 0/1, T, dtypes and devices do).
+  on CPU, Triton on GPU); the row index is an indexed load inside it. Compiled
+  lazily on first use (about 10-60 s in all on a 2-core CPU, cached on disk by
+  inductor); shapes are dynamic, so new batch or token counts do not recompile
+  (sizes 0/1, T, dtypes and devices do).
 * ``eager``: plain PyTorch on blocks of at most ``chunk_elems`` elements of
   ``z``, in place where possible, messages and ``d alpha`` by per-head batched
   matmuls. It uses ``leaky(z) = s*z + (1-s)*relu(z)``: the linear part
   factorises into dot products with ``att``, only the relu part needs ``z``.
+  It works on the padded layout: given rows, it gathers ``x_l`` into it once in
+  forward and once in backward, and gathers ``d x_l`` back to rows.
 
 ``impl="auto"`` (the default) uses ``compiled`` and falls back to ``eager``,
 with a warning, for the rest of the process if compiling fails. The default can
