@@ -42,6 +42,10 @@ from pathlib import Path
 ROOT, HERE = Path(__file__).resolve().parents[1], Path(__file__).resolve().parent
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
+from data.logs import hide_third_party_noise  # noqa: E402
+
+hide_third_party_noise()  # before torch_geometric is imported (by Runner)
+
 import torch  # noqa: E402
 
 from bench.memory import reset_peak_rss, rss_gib  # noqa: E402
