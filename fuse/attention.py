@@ -31,8 +31,9 @@ takes them as the rows of a stacked (R, F) matrix (HADA's encoder: every
 backbone's projected rows, one after the other) and a :class:`Sources` index that
 places each row in its sample's slot: ``lin_l`` runs on the rows as they are, and
 the passes read ``x_l[row[n, s]]`` where ``lin_l`` wrote it and write ``d x_l``
-row by row. No padded copy, transpose or zero-fill of the sources or of ``x_l``
-is made, forward or backward, and padding slots cost no ``lin_l`` work.
+row by row. With the compiled passes no padded copy, transpose or zero-fill of the
+sources or of ``x_l`` is made, forward or backward, and padding slots cost no
+``lin_l`` work.
 
 Two implementations of those passes:
 
@@ -46,8 +47,9 @@ Two implementations of those passes:
   ``z``, in place where possible, messages and ``d alpha`` by per-head batched
   matmuls. It uses ``leaky(z) = s*z + (1-s)*relu(z)``: the linear part
   factorises into dot products with ``att``, only the relu part needs ``z``.
-  It works on the padded layout: given rows, it gathers ``x_l`` into it once in
-  forward and once in backward, and gathers ``d x_l`` back to rows.
+  It works on the padded layout: :func:`star_gatv2_rows` pads its input rows
+  for it (the old layout, one F-wide copy each way). Should compiling fail
+  inside a call, that call's eager passes gather ``x_l`` into the padded layout.
 
 ``impl="auto"`` (the default) uses ``compiled`` and falls back to ``eager``,
 with a warning, for the rest of the process if compiling fails. The default can
@@ -464,6 +466,11 @@ def star_gatv2_rows(conv, x_rows: Tensor, sources: Sources, x_dst: Tensor, edge_
     if sources.slot.shape != x_rows.shape[:1]:
         raise ValueError(f"sources.slot must place each of the {x_rows.size(0)} rows, "
                          f"got shape {tuple(sources.slot.shape)}")
+    impl = _default_impl if impl is None else impl
+    if impl == "eager" or (impl == "auto" and _compiled.error is not None):
+        # The eager passes work on the padded layout: pad the inputs (F wide) rather than x_l (H * C wide).
+        x_src = x_rows.new_zeros(sources.mask.numel(), x_rows.size(1)).index_copy(0, sources.slot, x_rows)
+        return _star(conv, x_src, Sources.padded(sources.mask), x_dst, edge_attr, impl, chunk_elems, padded=True)
     return _star(conv, x_rows, sources, x_dst, edge_attr, impl, chunk_elems, padded=False)
 
 

@@ -341,3 +341,15 @@ def test_compiled_rows_match_pyg_and_store_nothing_edge_sized():
     # z allocated and freed within one pass).
     sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     assert max(sizes) == n * s * heads * c * 4  # x_l and its gradient, nothing larger
+
+
+def test_rows_fall_back_to_eager_inside_a_call(monkeypatch):
+    """Compiling fails during a call on rows: that call's eager passes gather x_l into the padded layout and
+    still give PyG's outputs and gradients; later calls pad the inputs instead."""
+    compile_failing_with(monkeypatch, "no compiler here")
+    case = make_case(5, 9, 2, 2, seed=4)
+    ref = outputs_and_grads(pyg_reference, *case)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        got = outputs_and_grads(on_rows("auto"), *case)
+    assert_matches(ref, got, rtol=1e-10, atol=1e-12)
+    assert_matches(ref, outputs_and_grads(on_rows("auto"), *case), rtol=1e-10, atol=1e-12)
