@@ -97,15 +97,14 @@ def batches(n_images: int, n_captions: int, batch: int, count: int) -> list[Batc
 def floor_pass(encoder, blocks, grad: bool) -> torch.Tensor:
     """The encoder's dense layers on a batch: projections, lin_l (every node), lin_r (global nodes), merge, out."""
     with torch.set_grad_enabled(grad):
-        x = encoder.node_features(blocks)
-        nodes = torch.cat(x)
+        nodes, globals_ = encoder.node_features(blocks)
         starts, base = [], 0
-        for b, t in zip(blocks, x):
+        for b in blocks:
             starts.append(base + b.counts.cumsum(0) - b.counts)
-            base += t.size(0)
+            base += b.tokens.size(0)
         glob = torch.stack(starts, dim=1).reshape(-1)
         x_l = encoder.conv.lin_l(nodes)
-        h = encoder.conv.lin_r(nodes[glob]) + x_l[glob]  # every row of x_l is computed (and differentiated)
+        h = encoder.conv.lin_r(globals_).flatten(0, 1) + x_l[glob]  # every row of x_l computed and differentiated
         return encoder.readout(h, blocks)
 
 

@@ -124,7 +124,6 @@ class DenseGraph(NamedTuple):
     edge_attr: Tensor  # (N, B, S) float32: weight of the edge from slot s into global node b
     global_slot: Tensor  # (N, B): position of each global node within its sample
     row: Tensor  # (N, S) int64: the stacked row in each slot (0 in empty slots)
-    global_row: Tensor  # (N, B) int64: the stacked row of each global node
 
 
 def dense_graph(counts: Sequence[Tensor], weights: EdgeWeights, num_rows: Sequence[int], slots: int) -> DenseGraph:
@@ -152,6 +151,5 @@ def dense_graph(counts: Sequence[Tensor], weights: EdgeWeights, num_rows: Sequen
     all_slots = torch.cat(flat)
     row = torch.zeros(n * slots, dtype=torch.long, device=device)
     row[all_slots] = torch.arange(all_slots.numel(), device=device)
-    row, global_slot = row.view(n, slots), torch.stack(global_slot, dim=1)
-    return DenseGraph(flat, mask, torch.where(mask.unsqueeze(1), attr, torch.zeros_like(attr)), global_slot,
-                      row, row.gather(1, global_slot))
+    return DenseGraph(flat, mask, torch.where(mask.unsqueeze(1), attr, torch.zeros_like(attr)),
+                      torch.stack(global_slot, dim=1), row.view(n, slots))

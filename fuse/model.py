@@ -90,8 +90,8 @@ class GraphEncoder(nn.Module):
         for module in (*self.proj, self.conv, self.merge, self.out):
             module.reset_parameters()
 
-    def node_features(self, blocks: Sequence[NodeBlock]) -> list[Tensor]:
-        """Each backbone's projected rows (the reference bug, if asked for, applied here)."""
+    def node_tokens(self, blocks: Sequence[NodeBlock]) -> list[Tensor]:
+        """The rows each backbone's projection reads (the reference bug, if asked for, applied here)."""
         tokens = [b.tokens for b in blocks]
         if self.cfg.reference_bug:
             rows = tokens[1].size(0)
@@ -99,7 +99,20 @@ class GraphEncoder(nn.Module):
                 raise ValueError(f"--reference-bug: the batch has {tokens[0].size(0)} first-backbone rows, "
                                  f"fewer than the second backbone's {rows}")
             tokens[1] = tokens[0][:rows]
-        return [proj(t) for proj, t in zip(self.proj, tokens)]
+        return tokens
+
+    def node_features(self, blocks: Sequence[NodeBlock]) -> tuple[Tensor, Tensor]:
+        """Every backbone's projected rows, stacked (backbone 0's, then 1's, ...): (R, width); and the global
+        nodes' projections, (N, B, width).
+
+        The global nodes are projected once more from their own rows (N * B rows, little work) rather than
+        gathered from the stacked rows, whose gradient would be an (R, width) zero-filled tensor every step.
+        """
+        tokens = self.node_tokens(blocks)
+        nodes = torch.cat([proj(t) for proj, t in zip(self.proj, tokens)])
+        first = [b.counts.cumsum(0) - b.counts for b in blocks]  # each sample's global row within its block
+        globals_ = torch.stack([proj(t[f]) for proj, t, f in zip(self.proj, tokens, first)], dim=1)
+        return nodes, globals_
 
     def graph(self, blocks: Sequence[NodeBlock]):
         """The batch's graph in the layout ``attend`` takes: the edge list (``fuse.graph.bipartite_graph``) for
@@ -111,8 +124,9 @@ class GraphEncoder(nn.Module):
         slots = int(torch.stack([b.counts_on_host() for b in blocks]).sum(0).max())
         return dense_graph(counts, self.cfg.edge_weights, rows, slots)
 
-    def attend(self, x: list[Tensor], blocks: Sequence[NodeBlock], graph=None) -> Tensor:
-        """(N * B, heads * width): the graph layer's output at every sample's global nodes (sample-major).
+    def attend(self, nodes: Tensor, globals_: Tensor, blocks: Sequence[NodeBlock], graph=None) -> Tensor:
+        """(N * B, heads * width): the graph layer's output at every sample's global nodes (sample-major), from
+        ``node_features``.
 
         ``attention="pyg"`` runs ``GATv2Conv.forward`` on the edge list; the dense kinds compute the same from
         the same parameters per sample (``fuse.attention.star_gatv2_rows``), without per-edge width-sized
@@ -120,20 +134,18 @@ class GraphEncoder(nn.Module):
         built here if not given.
         """
         graph = self.graph(blocks) if graph is None else graph
-        nodes = torch.cat(x)
         if self.attention == "pyg":
-            edge_index, edge_attr, global_index = graph
-            return self.conv((nodes, nodes[global_index.reshape(-1)]), edge_index, edge_attr.to(nodes.dtype))
+            edge_index, edge_attr, _ = graph
+            return self.conv((nodes, globals_.flatten(0, 1)), edge_index, edge_attr.to(nodes.dtype))
         sources = Sources(graph.row, graph.mask, torch.cat(graph.slots))
-        out = star_gatv2_rows(self.conv, nodes, sources, nodes[graph.global_row], graph.edge_attr,
-                              impl=ATTENTION[self.attention])
+        out = star_gatv2_rows(self.conv, nodes, sources, globals_, graph.edge_attr, impl=ATTENTION[self.attention])
         return out.reshape(blocks[0].batch_size * self.num_backbones, -1)
 
     def forward(self, blocks: Sequence[NodeBlock], graph=None) -> Tensor:
         """(batch, embed_dim) float32, unit rows; ``graph`` as ``attend`` takes it."""
         if len(blocks) != self.num_backbones:
             raise ValueError(f"expected {self.num_backbones} NodeBlocks, got {len(blocks)}")
-        return self.readout(self.attend(self.node_features(blocks), blocks, graph), blocks)
+        return self.readout(self.attend(*self.node_features(blocks), blocks, graph), blocks)
 
     def readout(self, h: Tensor, blocks: Sequence[NodeBlock]) -> Tensor:
         """The graph layer's global-node outputs ``h`` merged, read out as [g1, e1, ..., eB, g2, ..., gB], mapped
