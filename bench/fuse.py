@@ -185,6 +185,9 @@ def main() -> None:
     ap.add_argument("--features", choices=("auto", "host"), default="auto",
                     help="auto: in GPU memory when they fit (as training); host: copied per batch (streamed)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int,
+                    help="torch.set_num_threads (default: torch's); 1 measures the work on a shared machine, where "
+                         "other jobs stall the many short parallel regions of the step more than the floor's GEMMs")
     ap.add_argument("--no-floor", action="store_true", help="skip timing the dense-layer floor")
     ap.add_argument("--backbone-batch", type=int, default=0, help="batch for the full-size backbones (0: skip)")
     ap.add_argument("--backbone-reps", type=int, default=1)
@@ -194,6 +197,8 @@ def main() -> None:
     ap.add_argument("--out", default=f"bench/results/fuse-{os.uname().nodename}.json")
     args = ap.parse_args()
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = machine(device)
     images, captions = SHAPES[args.shape]
     n_images = max(round(images * args.scale), args.batch_size)
