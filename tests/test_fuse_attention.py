@@ -353,3 +353,15 @@ def test_rows_fall_back_to_eager_inside_a_call(monkeypatch):
         got = outputs_and_grads(on_rows("auto"), *case)
     assert_matches(ref, got, rtol=1e-10, atol=1e-12)
     assert_matches(ref, outputs_and_grads(on_rows("auto"), *case), rtol=1e-10, atol=1e-12)
+
+
+def test_rows_out_of_range_are_refused():
+    """The compiled passes read through the indices unchecked: out-of-range ones are refused up front."""
+    conv, x_src, mask, x_dst, edge_attr = make_case(2, 5, 2, 1, ragged=False)
+    slot, sources = rows_of(x_src, mask)
+    x_rows = x_src.flatten(0, 1)[slot]
+    bad_row = sources._replace(row=sources.row.clone().fill_(x_rows.size(0)))
+    bad_slot = sources._replace(slot=sources.slot - 1)
+    for bad in (bad_row, bad_slot):
+        with pytest.raises(RuntimeError, match="out of range"):
+            star_gatv2_rows(conv, x_rows, bad, x_dst, edge_attr, impl="compiled")
