@@ -12,8 +12,9 @@ Timed, --warmup steps untimed then --steps timed, with the default FuseConfig at
 * step: `fuse.train.Trainer.step` (gather, forward with momentum encoders, queue and ITM, backward, AdamW),
   no host sync inside (the device is synchronised once before and after the timed steps);
 * floor: the same step's dense layers alone on the same batches (per-backbone projections, GATv2's lin_l over
-  every node and lin_r over the global nodes, head merge, output layer; forward, backward, and the momentum
-  encoders' forward), without the attention, losses or optimiser;
+  every node (its matrix product: the step adds its bias inside the attention) and lin_r over the global
+  nodes, head merge, output layer; forward, backward, and the momentum encoders' forward), without the
+  attention, losses or optimiser;
 * the ratio step / floor, s/epoch (pairs / batch x s/step), pairs/s, and the peak resident memory of the
   process (VmHWM) and on a GPU the peak allocated device memory;
 * the same ratio in process CPU time: with --threads 1 it measures the work, however loaded the machine is.
@@ -105,7 +106,8 @@ def floor_pass(encoder, blocks, grad: bool) -> torch.Tensor:
             starts.append(base + b.counts.cumsum(0) - b.counts)
             base += b.tokens.size(0)
         glob = torch.stack(starts, dim=1).reshape(-1)
-        x_l = encoder.conv.lin_l(nodes)
+        # lin_l's matrix product alone: the step adds lin_l's bias where x_l is read, not over all of x_l
+        x_l = torch.nn.functional.linear(nodes, encoder.conv.lin_l.weight)
         h = encoder.conv.lin_r(globals_).flatten(0, 1) + x_l[glob]  # every row of x_l computed and differentiated
         return encoder.readout(h, blocks)
 

@@ -33,7 +33,9 @@ places each row in its sample's slot: ``lin_l`` runs on the rows as they are, an
 the passes read ``x_l[row[n, s]]`` where ``lin_l`` wrote it and write ``d x_l``
 row by row. With the compiled passes no padded copy, transpose or zero-fill of the
 sources or of ``x_l`` is made, forward or backward, and padding slots cost no
-``lin_l`` work.
+``lin_l`` work. ``lin_l``'s bias is not written over ``x_l`` either (``addmm``
+would first copy it into the whole output): it joins ``x_r`` in ``z`` and adds
+``b_l * sum_s alpha`` to the messages, the same sums regrouped.
 
 Two implementations of those passes:
 
@@ -382,11 +384,12 @@ class _Kernels:
 
 
 class _StarAttention(torch.autograd.Function):
-    """messages (N, T, H, C) from x_l (R, H, C) rows, x_r, masked edge attrs, lin_edge weight and att; where
-    the rows sit is ``kernels.src``."""
+    """(messages (N, T, H, C), sum over s of the attention (N, T, H)) from x_l (R, H, C) rows, x_r, masked edge
+    attrs, lin_edge weight and att; where the rows sit is ``kernels.src``."""
 
     @staticmethod
     def forward(ctx, x_l, x_r, e, w, att, slope, p, training, kernels):
+        ctx.set_materialize_grads(False)
         with torch.autocast(x_l.device.type, enabled=False):  # dtypes are chosen here
             scores = kernels.scores(x_l, x_r, e, w, att, slope)  # (N, T, S, H)
             scores.masked_fill_(~kernels.src.mask[:, None, :, None], float("-inf"))
@@ -401,14 +404,18 @@ class _StarAttention(torch.autograd.Function):
             kernels.release()
         ctx.save_for_backward(x_l, x_r, e, w, att, alpha, alpha_d, noise)
         ctx.slope, ctx.kernels = slope, kernels
-        return out
+        return out, alpha_d.sum(2)
 
     @staticmethod
-    def backward(ctx, g_out):
+    def backward(ctx, g_out, g_sum):
         x_l, x_r, e, w, att, alpha, alpha_d, noise = ctx.saved_tensors
+        if g_out is None:
+            g_out = x_l.new_zeros(*alpha.shape, x_l.size(-1))
         with torch.autocast(x_l.device.type, enabled=False):
             g_out = g_out.contiguous()
             g_alpha = ctx.kernels.grad_alpha(g_out, x_l, alpha.dtype)  # d loss / d alpha_d
+            if g_sum is not None:
+                g_alpha += g_sum.unsqueeze(2)
             if noise is not None:
                 g_alpha.mul_(noise)
             # Softmax backward over s; masked sources have alpha = 0 and get g = 0.
@@ -491,8 +498,13 @@ def _star(conv, x_rows: Tensor, src: Sources, x_dst: Tensor, edge_attr: Optional
     if x_dst.size(0) != n:
         raise ValueError(f"x_src has {n} samples, x_dst {x_dst.size(0)}")
     hh, c = conv.heads, conv.out_channels
-    x_l = conv.lin_l(x_rows).view(-1, hh, c)
+    # lin_l's bias is added where x_l is read, not written over all of x_l (addmm first copies the bias into
+    # its whole output): z = x_l + (x_r + b_l) + e w, and the messages get b_l * sum_s alpha.
+    x_l = F.linear(x_rows, conv.lin_l.weight).view(-1, hh, c)
     x_r = conv.lin_r(x_dst).view(n, t, hh, c)
+    b_l = None if conv.lin_l.bias is None else conv.lin_l.bias.view(hh, c)
+    if b_l is not None:
+        x_r = x_r + b_l
     ct = _compute_dtype(x_l.dtype)
     att = conv.att.view(hh, c).to(ct)
     mask = src.mask.to(torch.bool)
@@ -511,8 +523,10 @@ def _star(conv, x_rows: Tensor, src: Sources, x_dst: Tensor, edge_attr: Optional
         e = att.new_zeros(n, t, s)
     chunk = default_chunk_elems(x_l.device) if chunk_elems is None else int(chunk_elems)
     kernels = _Kernels(impl, chunk, src._replace(mask=mask), padded)
-    out = _StarAttention.apply(x_l, x_r, e, w, att, float(conv.negative_slope), float(conv.dropout),
-                               conv.training, kernels)
+    out, alpha_sum = _StarAttention.apply(x_l, x_r, e, w, att, float(conv.negative_slope), float(conv.dropout),
+                                          conv.training, kernels)
+    if b_l is not None:
+        out = out + alpha_sum.unsqueeze(-1) * b_l
     out = out.reshape(n, t, hh * c) if conv.concat else out.mean(dim=2)
     if conv.res is not None:
         out = out + conv.res(x_dst)
