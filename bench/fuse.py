@@ -12,10 +12,13 @@ Timed, --warmup steps untimed then --steps timed, with the default FuseConfig at
 * step: `fuse.train.Trainer.step` (gather, forward with momentum encoders, queue and ITM, backward, AdamW),
   no host sync inside (the device is synchronised once before and after the timed steps);
 * floor: the same step's dense layers alone on the same batches (per-backbone projections, GATv2's lin_l over
-  every node and lin_r over the global nodes, head merge, output layer; forward, backward, and the momentum
-  encoders' forward), without the attention, losses or optimiser;
+  every node (its matrix product: the step adds its bias inside the attention) and lin_r over the global
+  nodes, head merge, output layer; forward, backward, and the momentum encoders' forward), without the
+  attention, losses or optimiser;
 * the ratio step / floor, s/epoch (pairs / batch x s/step), pairs/s, and the peak resident memory of the
-  process (VmHWM) and on a GPU the peak allocated device memory.
+  process (VmHWM) and on a GPU the peak allocated device memory;
+* the same ratio in process CPU time: with --threads 1 it measures the work, however loaded the machine is.
+--rounds R times (steps, then floor) R times and keeps the best round of each (warm-up in the first only).
 
 Recomputed backbones: full-size random-initialised BLIP (ViT-B/16@384 image, BERT-base text, 20 tokens)
 and CLIP ViT-L/14@336 QuickGELU (image, text at 77 tokens), one batch of --backbone-batch through all four
@@ -24,6 +27,10 @@ both text encoders (0 skips it).
 
     PYTHONPATH=. python bench/fuse.py --scale 0.01 --batch-size 128 --backbone-batch 0 --out r.json  # CPU goal
     PYTHONPATH=. python bench/fuse.py --scale 1.0 --device cuda --precision bf16 --batch-size 40 --steps 50
+    PYTHONPATH=. python bench/fuse.py --scale 0.01 --batch-size 128 --no-floor --steps 1 --profile   # where time goes
+
+--profile: after the timed steps, one more warm step under torch.profiler; prints its top operators by self
+time (host time on CPU, device time on a GPU), grouped by input shapes, and adds them to the JSON.
 """
 from __future__ import annotations
 
@@ -37,10 +44,15 @@ ROOT, HERE = Path(__file__).resolve().parents[1], Path(__file__).resolve().paren
 # `python bench/fuse.py` puts bench/ first on sys.path, where this file would shadow the `fuse` package.
 sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != HERE]
 
+from data.logs import hide_third_party_noise  # noqa: E402
+
+hide_third_party_noise()  # before torch_geometric is imported (by fuse.model)
+
 import torch  # noqa: E402
 
 from bench.extract import full_blip, full_clip, machine, sync, write_json  # noqa: E402
 from bench.memory import reset_peak_rss, rss_gib  # noqa: E402
+from bench.operators import print_operators, top_operators  # noqa: E402
 from data.device import autocast, pick_device  # noqa: E402
 from data.options import from_options  # noqa: E402
 from fuse.batch import PackedFeatures, gather_batch  # noqa: E402
@@ -88,45 +100,53 @@ def batches(n_images: int, n_captions: int, batch: int, count: int) -> list[Batc
 def floor_pass(encoder, blocks, grad: bool) -> torch.Tensor:
     """The encoder's dense layers on a batch: projections, lin_l (every node), lin_r (global nodes), merge, out."""
     with torch.set_grad_enabled(grad):
-        x = encoder.node_features(blocks)
-        nodes = torch.cat(x)
+        nodes, globals_ = encoder.node_features(blocks)
         starts, base = [], 0
-        for b, t in zip(blocks, x):
+        for b in blocks:
             starts.append(base + b.counts.cumsum(0) - b.counts)
-            base += t.size(0)
+            base += b.tokens.size(0)
         glob = torch.stack(starts, dim=1).reshape(-1)
-        x_l = encoder.conv.lin_l(nodes)
-        h = encoder.conv.lin_r(nodes[glob]) + x_l[glob]  # every row of x_l is computed (and differentiated)
+        # lin_l's matrix product alone: the step adds lin_l's bias where x_l is read, not over all of x_l
+        x_l = torch.nn.functional.linear(nodes, encoder.conv.lin_l.weight)
+        h = encoder.conv.lin_r(globals_).flatten(0, 1) + x_l[glob]  # every row of x_l computed and differentiated
         return encoder.readout(h, blocks)
 
 
-def time_steps(trainer: Trainer, features: SplitFeatures, plan: list[Batch], warmup: int, floor: bool) -> float:
-    """Seconds per step (after warm-up) of the training step, or of its dense-layer floor."""
+def floor_step(trainer: Trainer, features: SplitFeatures, batch: Batch) -> None:
+    """The dense layers of one training step: online encoders forward + backward, momentum encoders forward."""
     model, device = trainer.model, trainer.device
-    model.train()
+    image_blocks = gather_batch(features.images, features.image_rows(batch.images, batch.views), device)
+    text_blocks = gather_batch(features.texts, batch.captions, device)
+    with autocast(device, trainer.cfg.precision):
+        loss = sum((floor_pass(enc, blocks, True) * 1e-3).sum()
+                   for enc, blocks in ((model.image_encoder, image_blocks), (model.text_encoder, text_blocks)))
+        floor_pass(model.image_encoder_m, image_blocks, False)
+        floor_pass(model.text_encoder_m, text_blocks, False)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def time_steps(trainer: Trainer, features: SplitFeatures, plan: list[Batch], warmup: int,
+               floor: bool) -> tuple[float, float]:
+    """Wall-clock and process CPU seconds per step (after warm-up) of the training step, or of its dense-layer
+    floor. With one thread the CPU time is the work done, whatever else runs on the machine."""
+    trainer.model.train()
 
     def run(batch: Batch) -> None:
-        if not floor:
+        if floor:
+            floor_step(trainer, features, batch)
+        else:
             trainer.step(features, batch, 0)
-            return
-        image_blocks = gather_batch(features.images, features.image_rows(batch.images, batch.views), device)
-        text_blocks = gather_batch(features.texts, batch.captions, device)
-        with autocast(device, trainer.cfg.precision):
-            loss = sum((floor_pass(enc, blocks, True) * 1e-3).sum()
-                       for enc, blocks in ((model.image_encoder, image_blocks), (model.text_encoder, text_blocks)))
-            floor_pass(model.image_encoder_m, image_blocks, False)
-            floor_pass(model.text_encoder_m, text_blocks, False)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
 
     for b in plan[:warmup]:
         run(b)
-    sync(device)
-    t0 = time.perf_counter()
+    sync(trainer.device)
+    t0, c0 = time.perf_counter(), time.process_time()
     for b in plan[warmup:]:
         run(b)
-    sync(device)
-    return (time.perf_counter() - t0) / (len(plan) - warmup)
+    sync(trainer.device)
+    steps = len(plan) - warmup
+    return (time.perf_counter() - t0) / steps, (time.process_time() - c0) / steps
 
 
 def time_backbones(device, batch: int, reps: int, precision: str) -> dict:
@@ -166,18 +186,28 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=0.01, help="fraction of that split's images and captions")
     ap.add_argument("--steps", type=int, default=3, help="timed steps")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="time the steps and then the floor this many times; report the best round of each")
     ap.add_argument("--batch-size", type=int, default=FuseConfig.batch_size)
     ap.add_argument("--attention", choices=tuple(ATTENTION), default=FuseConfig.attention)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--features", choices=("auto", "host"), default="auto",
                     help="auto: in GPU memory when they fit (as training); host: copied per batch (streamed)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int,
+                    help="torch.set_num_threads (default: torch's); 1 measures the work on a shared machine, where "
+                         "other jobs stall the many short parallel regions of the step more than the floor's GEMMs")
     ap.add_argument("--no-floor", action="store_true", help="skip timing the dense-layer floor")
     ap.add_argument("--backbone-batch", type=int, default=0, help="batch for the full-size backbones (0: skip)")
     ap.add_argument("--backbone-reps", type=int, default=1)
+    ap.add_argument("--profile", action="store_true",
+                    help="profile one more warm step: print its top operators (self time, input shapes)")
+    ap.add_argument("--profile-rows", type=int, default=20, help="operators --profile prints")
     ap.add_argument("--out", default=f"bench/results/fuse-{os.uname().nodename}.json")
     args = ap.parse_args()
     device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = machine(device)
     images, captions = SHAPES[args.shape]
     n_images = max(round(images * args.scale), args.batch_size)
@@ -198,19 +228,35 @@ def main() -> None:
             "text_embeds": [256, 768]}
     torch.manual_seed(0)
     trainer = Trainer(cfg, build_model(dims, cfg), device)
-    plan = batches(n_images, n_captions, args.batch_size, args.warmup + args.steps)
+    plan = batches(n_images, n_captions, args.batch_size, args.warmup + args.steps + args.profile)
+    profiled = plan.pop() if args.profile else None
     result = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     reset_peak_rss()
-    step = time_steps(trainer, features, plan, args.warmup, floor=False)
-    result["step"] = {"step_seconds": step, "epoch_seconds_full_size": step * captions / args.batch_size,
-                      "pairs_per_s": args.batch_size / step, "peak_host_gib": round(rss_gib("VmHWM"), 2)}
-    if device.type == "cuda":
-        result["step"]["peak_device_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    # Rounds of (steps, then floor): each figure is its best round, so a burst of load in one round is dropped.
+    rounds = {"step": [], "floor": []}
+    for r in range(args.rounds):
+        rounds["step"].append(time_steps(trainer, features, plan, args.warmup if r == 0 else 0, floor=False))
+        if r == 0:
+            peak_host = round(rss_gib("VmHWM"), 2)
+            peak_device = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None
+        if not args.no_floor:
+            rounds["floor"].append(time_steps(trainer, features, plan, args.warmup if r == 0 else 0, floor=True))
+    step, step_cpu = min(w for w, _ in rounds["step"]), min(c for _, c in rounds["step"])
+    result["step"] = {"step_seconds": step, "step_cpu_seconds": step_cpu,
+                      "epoch_seconds_full_size": step * captions / args.batch_size,
+                      "pairs_per_s": args.batch_size / step, "peak_host_gib": peak_host,
+                      "rounds": [{"wall": w, "cpu": c} for w, c in rounds["step"]]}
+    if peak_device is not None:
+        result["step"]["peak_device_gib"] = peak_device
     if not args.no_floor:
-        floor = time_steps(trainer, features, plan, args.warmup, floor=True)
-        result["floor"] = {"floor_seconds": floor, "ratio_step_to_floor": step / floor}
+        floor, floor_cpu = min(w for w, _ in rounds["floor"]), min(c for _, c in rounds["floor"])
+        result["floor"] = {"floor_seconds": floor, "floor_cpu_seconds": floor_cpu,
+                           "ratio_step_to_floor": step / floor, "ratio_cpu": step_cpu / floor_cpu,
+                           "rounds": [{"wall": w, "cpu": c} for w, c in rounds["floor"]]}
+    if profiled is not None:
+        result["profile"] = top_operators(lambda: trainer.step(features, profiled, 0), device, args.profile_rows)
     result["step_seconds"] = step
     result["peak_host_gib"] = result["step"]["peak_host_gib"]
     if args.backbone_batch:
@@ -230,12 +276,16 @@ def main() -> None:
         f = result["floor"]
         print(f"floor  {f['floor_seconds'] * 1e3:9.1f} ms (dense layers alone); "
               f"step / floor = {f['ratio_step_to_floor']:.2f}")
+        print(f"cpu    step {step_cpu * 1e3:.1f} ms, floor {floor_cpu * 1e3:.1f} ms of process CPU time; "
+              f"step / floor = {f['ratio_cpu']:.2f}")
     if "recomputed_backbones" in result:
         bb = result["recomputed_backbones"]
         parts = ", ".join(f"{k} {v:.2f}" for k, v in bb["seconds_per_batch"].items())
         print(f"backbones, batch {bb['batch']} {bb['precision']}: {parts} s -> {bb['seconds_per_pair'] * 1e3:.1f} "
               f"ms/pair; recomputed epoch {bb['recomputed_epoch_seconds']:.0f} s = "
               f"{bb['ratio_recomputed_to_cached']:.1f}x the cached epoch")
+    if "profile" in result:
+        print_operators(result["profile"])
     write_json(args.out, {"machine": info, "setup": setup, **result})
 
 

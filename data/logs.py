@@ -15,14 +15,19 @@ THIRD_PARTY_NOISE = (
 )
 
 
+def hide_third_party_noise() -> None:
+    """Ignore exactly the notices in THIRD_PARTY_NOISE (by message, category and module); all others shown."""
+    for noise in THIRD_PARTY_NOISE:
+        warnings.filterwarnings("ignore", **noise)
+
+
 def configure(verbose: bool = False) -> None:
     """INFO from the ``pipeline.*`` loggers (DEBUG with ``verbose``), WARNING and above from everything else;
     exactly the notices in THIRD_PARTY_NOISE ignored (by message, category and module), all others shown."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("pipeline").setLevel(logging.DEBUG if verbose else logging.INFO)
-    for noise in THIRD_PARTY_NOISE:
-        warnings.filterwarnings("ignore", **noise)
+    hide_third_party_noise()
     if not verbose:
         # torch's C++-extension helper says where it looked for CUDA whenever torch.compile loads it, also on
         # machines without a GPU, where it means nothing.

@@ -26,17 +26,32 @@ nothing larger than ``x_l``:
   ``d x_l`` (message and score terms together), one reduction over s giving
   ``d x_r``, ``d lin_edge.weight`` and ``d att``.
 
+Layouts. :func:`star_gatv2` takes padded sources (N, S, F). :func:`star_gatv2_rows`
+takes them as the rows of a stacked (R, F) matrix (HADA's encoder: every
+backbone's projected rows, one after the other) and a :class:`Sources` index that
+places each row in its sample's slot: ``lin_l`` runs on the rows as they are, and
+the passes read ``x_l[row[n, s]]`` where ``lin_l`` wrote it and write ``d x_l``
+row by row. With the compiled passes no padded copy, transpose or zero-fill of the
+sources or of ``x_l`` is made, forward or backward, and padding slots cost no
+``lin_l`` work. ``lin_l``'s bias is not written over ``x_l`` either (``addmm``
+would first copy it into the whole output): it joins ``x_r`` in ``z`` and adds
+``b_l * sum_s alpha`` to the messages, the same sums regrouped.
+
 Two implementations of those passes:
 
 * ``compiled``: ``torch.compile`` of whole-tensor expressions; inductor turns
   each into one loop nest that never stores a (N, T, S, H, C) tensor (C++/OpenMP
-  on CPU, Triton on GPU). Compiled lazily on first use (about 10-60 s in all on a
-  2-core CPU, cached on disk by inductor); shapes are dynamic, so new batch or
-  token counts do not recompile (sizes 0/1, T, dtypes and devices do).
+  on CPU, Triton on GPU); the row index is an indexed load inside it. Compiled
+  lazily on first use (about 10-60 s in all on a 2-core CPU, cached on disk by
+  inductor); shapes are dynamic, so new batch or token counts do not recompile
+  (sizes 0/1, T, dtypes and devices do).
 * ``eager``: plain PyTorch on blocks of at most ``chunk_elems`` elements of
   ``z``, in place where possible, messages and ``d alpha`` by per-head batched
   matmuls. It uses ``leaky(z) = s*z + (1-s)*relu(z)``: the linear part
   factorises into dot products with ``att``, only the relu part needs ``z``.
+  It works on the padded layout: :func:`star_gatv2_rows` pads its input rows
+  for it (the old layout, one F-wide copy each way). Should compiling fail
+  inside a call, that call's eager passes gather ``x_l`` into the padded layout.
 
 ``impl="auto"`` (the default) uses ``compiled`` and falls back to ``eager``,
 with a warning, for the rest of the process if compiling fails. The default can
@@ -47,7 +62,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -77,50 +92,72 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+class Sources(NamedTuple):
+    """Where each sample's sources are: rows of a stacked (R, F) matrix, placed in (N, S) slots.
+
+    Every row is in exactly one slot; a slot holds at most one row. The passes read ``x_l`` in this row layout
+    (the layout ``lin_l`` writes), so nothing is copied into a padded (N, S, ...) tensor.
+    """
+
+    row: Tensor  # (N, S) int64: the row in slot s of sample n (any valid row where not ``mask``)
+    mask: Tensor  # (N, S) bool: the slot holds a source
+    slot: Tensor  # (R,) int64: the flat slot n * S + s of each row
+
+    @classmethod
+    def padded(cls, mask: Tensor) -> "Sources":
+        """Rows that are the N * S slots in order (padding slots included, as rows)."""
+        flat = torch.arange(mask.numel(), device=mask.device)
+        return cls(flat.view(mask.shape), mask, flat)
+
+
 # --------------------------------------------------------------------------------------
 # Whole-tensor expressions of the fused passes: the sources that torch.compile fuses.
-# Shapes: x_l (N, S, H, C), x_r (N, T, H, C), e (N, T, S), w and att (H, C) in the
-# compute dtype, g (score gradient) and alpha (N, T, S, H), g_out (N, T, H, C).
+# Shapes: x_l (R, H, C) rows, row (N, S) the row in each slot (x_l[row] is inlined into
+# each loop nest as an indexed load, never stored), sample and slot (R,) each row's
+# place, x_r (N, T, H, C), e (N, T, S), w and att (H, C) in the compute dtype, g (score
+# gradient) and alpha (N, T, S, H), g_out (N, T, H, C).
 # Python loops over T unroll (T is 2 or 3), so every pass is one loop nest over x_l.
 # --------------------------------------------------------------------------------------
 
-def _fused_scores(x_l: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor,
+def _fused_scores(x_l: Tensor, row: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor,
                   slope: float) -> Tensor:
     ct = att.dtype
-    z = x_l.unsqueeze(1).to(ct) + x_r.unsqueeze(2).to(ct) + e[..., None, None] * w
+    z = x_l[row].unsqueeze(1).to(ct) + x_r.unsqueeze(2).to(ct) + e[..., None, None] * w
     return (F.leaky_relu(z, slope) * att).sum(-1)
 
 
-def _fused_messages(alpha: Tensor, x_l: Tensor) -> Tensor:
-    """out[n, t, h] = sum_s alpha[n, t, s, h] * x_l[n, s, h], in x_l's dtype."""
-    return (alpha.unsqueeze(-1) * x_l.unsqueeze(1).to(alpha.dtype)).sum(2).to(x_l.dtype)
+def _fused_messages(alpha: Tensor, x_l: Tensor, row: Tensor) -> Tensor:
+    """out[n, t, h] = sum_s alpha[n, t, s, h] * x_l[row[n, s], h], in x_l's dtype."""
+    return (alpha.unsqueeze(-1) * x_l[row].unsqueeze(1).to(alpha.dtype)).sum(2).to(x_l.dtype)
 
 
-def _fused_grad_alpha(g_out: Tensor, x_l: Tensor, ct: torch.dtype) -> Tensor:
-    """d alpha[n, t, s, h] = g_out[n, t, h] . x_l[n, s, h], in the compute dtype."""
-    return (x_l.unsqueeze(1).to(ct) * g_out.unsqueeze(2).to(ct)).sum(-1)
+def _fused_grad_alpha(g_out: Tensor, x_l: Tensor, row: Tensor, ct: torch.dtype) -> Tensor:
+    """d alpha[n, t, s, h] = g_out[n, t, h] . x_l[row[n, s], h], in the compute dtype."""
+    return (x_l[row].unsqueeze(1).to(ct) * g_out.unsqueeze(2).to(ct)).sum(-1)
 
 
-def _fused_grad_src(x_l: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor, g: Tensor,
-                    alpha: Tensor, g_out: Tensor, slope: float) -> Tensor:
-    """d x_l = sum_t [alpha * g_out (message) + att * leaky'(z) * g (score)]."""
+def _fused_grad_src(x_l: Tensor, sample: Tensor, slot: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor,
+                    g: Tensor, alpha: Tensor, g_out: Tensor, slope: float) -> Tensor:
+    """d x_l, row by row (R, H, C), for row r in slot s of sample n:
+    sum_t [alpha[n, t, s] * g_out[n, t] (message) + att * leaky'(z) * g[n, t, s] (score)]."""
     ct = att.dtype
     x = x_l.to(ct)
     acc = None
     for t in range(x_r.size(1)):
-        z = x + x_r[:, t, None].to(ct) + e[:, t, :, None, None] * w
-        gt = g[:, t, :, :, None] * att
-        term = torch.where(z > 0, gt, slope * gt) + alpha[:, t, :, :, None] * g_out[:, t, None].to(ct)
+        z = x + x_r[sample, t].to(ct) + e[sample, t, slot][:, None, None] * w
+        gt = g[sample, t, slot].unsqueeze(-1) * att
+        term = (torch.where(z > 0, gt, slope * gt)
+                + alpha[sample, t, slot].unsqueeze(-1) * g_out[sample, t].to(ct))
         acc = term if acc is None else acc + term
     return acc.to(x_l.dtype)
 
 
-def _fused_grad_dst(x_l: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor, g: Tensor,
+def _fused_grad_dst(x_l: Tensor, row: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor, g: Tensor,
                     slope: float) -> tuple[Tensor, Tensor, Tensor]:
     """(d x_r, d w, d att) from three sums over s that inductor fuses into one loop nest
     (z computed once per element, three accumulators)."""
     ct = att.dtype
-    z = x_l.unsqueeze(1).to(ct) + x_r.unsqueeze(2).to(ct) + e[..., None, None] * w
+    z = x_l[row].unsqueeze(1).to(ct) + x_r.unsqueeze(2).to(ct) + e[..., None, None] * w
     pos = z > 0
     # Small (N, T, S, H, 1) factors; where() picks g or slope * g: leaky'(z) * g, exactly.
     g5 = g.unsqueeze(-1)
@@ -131,17 +168,17 @@ def _fused_grad_dst(x_l: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor,
     return d_sum * att, de_sum.sum((0, 1)) * att, lz_sum.sum((0, 1))
 
 
-def _fused_grad_edge(x_l: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor, g: Tensor,
+def _fused_grad_edge(x_l: Tensor, row: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor, g: Tensor,
                      slope: float) -> Tensor:
     """d e[n, t, s] = sum_{h, c} g * leaky'(z) * att * w."""
     ct = att.dtype
-    z = x_l.unsqueeze(1).to(ct) + x_r.unsqueeze(2).to(ct) + e[..., None, None] * w
+    z = x_l[row].unsqueeze(1).to(ct) + x_r.unsqueeze(2).to(ct) + e[..., None, None] * w
     aw = att * w
     return (torch.where(z > 0, aw, slope * aw).sum(-1) * g).sum(-1)
 
 
 # --------------------------------------------------------------------------------------
-# Eager, chunked versions of the same passes.
+# Eager, chunked versions of the same passes, on x_l in the padded layout (N, S, H, C).
 # --------------------------------------------------------------------------------------
 
 def _chunks(n: int, t: int, s: int, row: int, budget: int):
@@ -249,6 +286,14 @@ def _eager_grads(x_l, x_r, e, w, att, g, alpha, g_out, slope, chunk, need_edge):
 # Dispatch between the two.
 # --------------------------------------------------------------------------------------
 
+# Inductor stores a pointwise result that several users read when it has more than
+# ``realize_reads_threshold`` (4) inputs: with the row index, ``z`` has five (x_l, row, x_r, e,
+# w) and would be stored whole, (N, T, S, H, C). A higher threshold keeps it in registers.
+# Its bounds check of every indexed load costs 10-20% of a pass; star_gatv2_rows checks the
+# indices once per call instead.
+_INDUCTOR_OPTIONS = {"realize_reads_threshold": 8, "assert_indirect_indexing": False}
+
+
 class _Compiled:
     """Lazily compiled fused passes; remembers a compile failure (then impl 'auto' runs eager)."""
 
@@ -258,18 +303,25 @@ class _Compiled:
 
     def __call__(self, name: str, fn: Callable, *args):
         if name not in self._fns:
-            self._fns[name] = torch.compile(fn, dynamic=True)
-        return self._fns[name](*args)
+            self._fns[name] = torch.compile(fn, dynamic=True, options=_INDUCTOR_OPTIONS)
+        with torch.profiler.record_function(f"fuse.attention.{name}"):  # names the pass in profiles
+            return self._fns[name](*args)
 
 
 _compiled = _Compiled()
 
 
 class _Kernels:
-    """The fused passes for one call: compiled, eager, or compiled with eager fallback."""
+    """The fused passes for one call: compiled, eager, or compiled with eager fallback.
 
-    def __init__(self, impl: str, chunk: int):
-        self.impl, self.chunk = impl, chunk
+    The compiled passes read ``x_l`` in the row layout of ``src``; the eager ones need the padded layout
+    (N, S, H, C): a view when the rows are the padded slots, else one gather per forward and per backward
+    (the eager fallback's only full-size copies), and the gradient gathered back to rows.
+    """
+
+    def __init__(self, impl: str, chunk: int, src: Sources, padded: bool):
+        self.impl, self.chunk, self.src, self.padded = impl, chunk, src, padded
+        self._gathered: Optional[tuple[Tensor, Tensor]] = None
 
     def _try_compiled(self, name, fn, *args):
         """(True, result) from the compiled pass, or (False, None) to run eager."""
@@ -287,38 +339,60 @@ class _Kernels:
                           "using the eager implementation from now on", RuntimeWarning, stacklevel=2)
             return False, None
 
+    def to_padded(self, x_l: Tensor) -> Tensor:
+        """x_l (R, H, C) as (N, S, H, C) for the eager passes; a gather is kept until ``release``."""
+        if self.padded:
+            return x_l.view(*self.src.mask.shape, *x_l.shape[1:])
+        if self._gathered is None or self._gathered[0] is not x_l:
+            self._gathered = (x_l, x_l[self.src.row])
+        return self._gathered[1]
+
+    def to_rows(self, x: Tensor) -> Tensor:
+        """(N, S, H, C) -> the rows (R, H, C)."""
+        flat = x.flatten(0, 1)
+        return flat if self.padded else flat.index_select(0, self.src.slot)
+
+    def release(self) -> None:
+        self._gathered = None
+
     def scores(self, x_l, x_r, e, w, att, slope):
-        ok, out = self._try_compiled("scores", _fused_scores, x_l, x_r, e, w, att, slope)
-        return out if ok else _eager_scores(x_l, x_r, e, w, att, slope, self.chunk)
+        ok, out = self._try_compiled("scores", _fused_scores, x_l, self.src.row, x_r, e, w, att, slope)
+        return out if ok else _eager_scores(self.to_padded(x_l), x_r, e, w, att, slope, self.chunk)
 
     def messages(self, alpha, x_l):
-        ok, out = self._try_compiled("messages", _fused_messages, alpha, x_l)
-        return out if ok else _eager_messages(alpha, x_l)
+        ok, out = self._try_compiled("messages", _fused_messages, alpha, x_l, self.src.row)
+        return out if ok else _eager_messages(alpha, self.to_padded(x_l))
 
     def grad_alpha(self, g_out, x_l, ct):
-        ok, out = self._try_compiled("grad_alpha", _fused_grad_alpha, g_out, x_l, ct)
-        return out if ok else _eager_grad_alpha(g_out, x_l, ct)
+        ok, out = self._try_compiled("grad_alpha", _fused_grad_alpha, g_out, x_l, self.src.row, ct)
+        return out if ok else _eager_grad_alpha(g_out, self.to_padded(x_l), ct)
 
     def grads(self, x_l, x_r, e, w, att, g, alpha, g_out, slope, need_edge):
+        row, slots = self.src.row, self.src.row.size(1)
+        sample, slot = self.src.slot.div(slots, rounding_mode="floor"), self.src.slot.remainder(slots)
         ok, gx_l = self._try_compiled("grad_src", _fused_grad_src,
-                                      x_l, x_r, e, w, att, g, alpha, g_out, slope)
+                                      x_l, sample, slot, x_r, e, w, att, g, alpha, g_out, slope)
         if ok:
-            ok, dst = self._try_compiled("grad_dst", _fused_grad_dst, x_l, x_r, e, w, att, g, slope)
+            ok, dst = self._try_compiled("grad_dst", _fused_grad_dst, x_l, row, x_r, e, w, att, g, slope)
         if ok and need_edge:
-            ok, ge = self._try_compiled("grad_edge", _fused_grad_edge, x_l, x_r, e, w, att, g, slope)
+            ok, ge = self._try_compiled("grad_edge", _fused_grad_edge, x_l, row, x_r, e, w, att, g, slope)
         if ok:
             return (gx_l, *dst, ge if need_edge else None)
-        return _eager_grads(x_l, x_r, e, w, att, g, alpha, g_out, slope, self.chunk, need_edge)
+        gx_l, *rest = _eager_grads(self.to_padded(x_l), x_r, e, w, att, g, alpha, g_out, slope, self.chunk,
+                                   need_edge)
+        return (self.to_rows(gx_l), *rest)
 
 
 class _StarAttention(torch.autograd.Function):
-    """messages (N, T, H, C) from x_l, x_r, masked edge attrs, lin_edge weight and att."""
+    """(messages (N, T, H, C), sum over s of the attention (N, T, H)) from x_l (R, H, C) rows, x_r, masked edge
+    attrs, lin_edge weight and att; where the rows sit is ``kernels.src``."""
 
     @staticmethod
-    def forward(ctx, x_l, x_r, e, src_mask, w, att, slope, p, training, kernels):
+    def forward(ctx, x_l, x_r, e, w, att, slope, p, training, kernels):
+        ctx.set_materialize_grads(False)
         with torch.autocast(x_l.device.type, enabled=False):  # dtypes are chosen here
             scores = kernels.scores(x_l, x_r, e, w, att, slope)  # (N, T, S, H)
-            scores.masked_fill_(~src_mask[:, None, :, None], float("-inf"))
+            scores.masked_fill_(~kernels.src.mask[:, None, :, None], float("-inf"))
             alpha = torch.softmax(scores, dim=2)
             noise = None
             if training and p > 0:
@@ -327,23 +401,29 @@ class _StarAttention(torch.autograd.Function):
                          else torch.empty_like(alpha).bernoulli_(1 - p).div_(1 - p))
             alpha_d = alpha if noise is None else alpha * noise
             out = kernels.messages(alpha_d, x_l)  # (N, T, H, C)
+            kernels.release()
         ctx.save_for_backward(x_l, x_r, e, w, att, alpha, alpha_d, noise)
         ctx.slope, ctx.kernels = slope, kernels
-        return out
+        return out, alpha_d.sum(2)
 
     @staticmethod
-    def backward(ctx, g_out):
+    def backward(ctx, g_out, g_sum):
         x_l, x_r, e, w, att, alpha, alpha_d, noise = ctx.saved_tensors
+        if g_out is None:
+            g_out = x_l.new_zeros(*alpha.shape, x_l.size(-1))
         with torch.autocast(x_l.device.type, enabled=False):
             g_out = g_out.contiguous()
             g_alpha = ctx.kernels.grad_alpha(g_out, x_l, alpha.dtype)  # d loss / d alpha_d
+            if g_sum is not None:
+                g_alpha += g_sum.unsqueeze(2)
             if noise is not None:
                 g_alpha.mul_(noise)
             # Softmax backward over s; masked sources have alpha = 0 and get g = 0.
             g = alpha * (g_alpha - (alpha * g_alpha).sum(2, keepdim=True))
             gx_l, gx_r, gw, gatt, ge = ctx.kernels.grads(
                 x_l, x_r, e, w, att, g, alpha_d, g_out, ctx.slope, ctx.needs_input_grad[2])
-        return (gx_l, gx_r.to(x_r.dtype), None if ge is None else ge.to(e.dtype), None,
+            ctx.kernels.release()
+        return (gx_l, gx_r.to(x_r.dtype), None if ge is None else ge.to(e.dtype),
                 gw.to(w.dtype), gatt.to(att.dtype), None, None, None, None)
 
 
@@ -377,21 +457,57 @@ def star_gatv2(conv, x_src: Tensor, src_mask: Tensor, x_dst: Tensor, edge_attr: 
         the targets. Under autocast the messages are in the projections' dtype
         (bfloat16) and the float32 bias makes the output float32, as PyG's is.
     """
+    if x_src.dim() != 3 or x_dst.dim() != 3 or src_mask.shape != x_src.shape[:2]:
+        raise ValueError("need x_src (N, S, F), src_mask (N, S) and x_dst (N, T, F)")
+    return _star(conv, x_src.flatten(0, 1), Sources.padded(src_mask), x_dst, edge_attr, impl, chunk_elems,
+                 padded=True)
+
+
+def star_gatv2_rows(conv, x_rows: Tensor, sources: Sources, x_dst: Tensor, edge_attr: Optional[Tensor],
+                    *, impl: Optional[str] = None, chunk_elems: Optional[int] = None) -> Tensor:
+    """:func:`star_gatv2` with the sources as rows of a stacked matrix, placed in slots by ``sources``.
+
+    ``lin_l`` runs on ``x_rows`` (R, F_src) as they are, and the compiled passes read its output where it lies:
+    no padded copy of the sources or of ``x_l``, no padding rows through ``lin_l``. ``edge_attr`` and the
+    output are as in :func:`star_gatv2`, with S = ``sources.mask.size(1)``.
+    """
+    if x_rows.dim() != 2 or x_dst.dim() != 3 or sources.row.shape != sources.mask.shape:
+        raise ValueError("need x_rows (R, F), sources.row and sources.mask (N, S) and x_dst (N, T, F)")
+    if sources.slot.shape != x_rows.shape[:1]:
+        raise ValueError(f"sources.slot must place each of the {x_rows.size(0)} rows, "
+                         f"got shape {tuple(sources.slot.shape)}")
+    for index, size, name in ((sources.row, x_rows.size(0), "row"), (sources.slot, sources.mask.numel(), "slot")):
+        if index.numel():  # the compiled passes load through these without bounds checks
+            lo, hi = torch.aminmax(index)
+            torch._assert_async((lo >= 0) & (hi < size), f"star_gatv2_rows: sources.{name} out of range")
+    impl = _default_impl if impl is None else impl
+    if impl == "eager" or (impl == "auto" and _compiled.error is not None):
+        # The eager passes work on the padded layout: pad the inputs (F wide) rather than x_l (H * C wide).
+        x_src = x_rows.new_zeros(sources.mask.numel(), x_rows.size(1)).index_copy(0, sources.slot, x_rows)
+        return _star(conv, x_src, Sources.padded(sources.mask), x_dst, edge_attr, impl, chunk_elems, padded=True)
+    return _star(conv, x_rows, sources, x_dst, edge_attr, impl, chunk_elems, padded=False)
+
+
+def _star(conv, x_rows: Tensor, src: Sources, x_dst: Tensor, edge_attr: Optional[Tensor], impl: Optional[str],
+          chunk_elems: Optional[int], padded: bool) -> Tensor:
     impl = _default_impl if impl is None else impl
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if x_src.dim() != 3 or x_dst.dim() != 3 or src_mask.shape != x_src.shape[:2]:
-        raise ValueError("need x_src (N, S, F), src_mask (N, S) and x_dst (N, T, F)")
-    n, s = src_mask.shape
+    n, s = src.mask.shape
     t = x_dst.size(1)
     if x_dst.size(0) != n:
         raise ValueError(f"x_src has {n} samples, x_dst {x_dst.size(0)}")
     hh, c = conv.heads, conv.out_channels
-    x_l = conv.lin_l(x_src).view(n, s, hh, c)
+    # lin_l's bias is added where x_l is read, not written over all of x_l (addmm first copies the bias into
+    # its whole output): z = x_l + (x_r + b_l) + e w, and the messages get b_l * sum_s alpha.
+    x_l = F.linear(x_rows, conv.lin_l.weight).view(-1, hh, c)
     x_r = conv.lin_r(x_dst).view(n, t, hh, c)
+    b_l = None if conv.lin_l.bias is None else conv.lin_l.bias.view(hh, c)
+    if b_l is not None:
+        x_r = x_r + b_l
     ct = _compute_dtype(x_l.dtype)
     att = conv.att.view(hh, c).to(ct)
-    mask = src_mask.to(torch.bool)
+    mask = src.mask.to(torch.bool)
     if conv.lin_edge is not None:
         if conv.lin_edge.in_channels != 1 or edge_attr is None:
             raise ValueError("star_gatv2 needs edge_dim 1 and an (N, T, S) edge_attr")
@@ -406,8 +522,11 @@ def star_gatv2(conv, x_src: Tensor, src_mask: Tensor, x_dst: Tensor, edge_attr: 
         w = att.new_zeros(hh, c)
         e = att.new_zeros(n, t, s)
     chunk = default_chunk_elems(x_l.device) if chunk_elems is None else int(chunk_elems)
-    out = _StarAttention.apply(x_l, x_r, e, mask, w, att, float(conv.negative_slope),
-                               float(conv.dropout), conv.training, _Kernels(impl, chunk))
+    kernels = _Kernels(impl, chunk, src._replace(mask=mask), padded)
+    out, alpha_sum = _StarAttention.apply(x_l, x_r, e, w, att, float(conv.negative_slope), float(conv.dropout),
+                                          conv.training, kernels)
+    if b_l is not None:
+        out = out + alpha_sum.unsqueeze(-1) * b_l
     out = out.reshape(n, t, hh * c) if conv.concat else out.mean(dim=2)
     if conv.res is not None:
         out = out + conv.res(x_dst)

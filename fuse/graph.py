@@ -19,8 +19,9 @@ token's own output never reaches the read-out). Two layouts of the same edges:
 * ``bipartite_graph``: PyG edge lists. Sources are all rows in backbone-major order (all of backbone 0's rows
   of the batch as stacked in its ``NodeBlock``, then backbone 1's, ...); targets are the N*B global nodes in
   sample-major order (target ``i * B + b`` is ``c_b`` of sample i).
-* ``dense_graph``: each sample's nodes padded to ``S`` slots in the per-sample order above, with an
+* ``dense_graph``: each sample's nodes placed in ``S`` slots in the per-sample order above, with an
   (N, B, S) edge-weight table: every node of a sample feeds every global node of it, so attention is dense.
+  It maps slots to the stacked rows and back (``fuse.attention.Sources``): the rows stay where they are.
 """
 from __future__ import annotations
 
@@ -113,12 +114,16 @@ def bipartite_graph(counts: Sequence[Tensor], weights: EdgeWeights, num_rows: Se
 
 
 class DenseGraph(NamedTuple):
-    """A batch's samples padded to ``S`` node slots (per-sample order: backbone 0's rows, then 1's, ...)."""
+    """A batch's samples in ``S`` node slots each (per-sample order: backbone 0's rows, then 1's, ...).
+
+    Rows are numbered as stacked: all of backbone 0's rows (its ``NodeBlock`` order), then backbone 1's, ...
+    """
 
     slots: Sequence[Tensor]  # per backbone, (rows,): flat slot ``sample * S + position`` of each stacked row
     mask: Tensor  # (N, S) bool: the slot holds a node
     edge_attr: Tensor  # (N, B, S) float32: weight of the edge from slot s into global node b
     global_slot: Tensor  # (N, B): position of each global node within its sample
+    row: Tensor  # (N, S) int64: the stacked row in each slot (0 in empty slots)
 
 
 def dense_graph(counts: Sequence[Tensor], weights: EdgeWeights, num_rows: Sequence[int], slots: int) -> DenseGraph:
@@ -143,5 +148,8 @@ def dense_graph(counts: Sequence[Tensor], weights: EdgeWeights, num_rows: Sequen
     targets = torch.arange(num_b, device=device).view(1, num_b, 1)
     attr = _edge_weight(backbone, is_global, targets, loops.unsqueeze(2).expand(n, num_b, slots), weights)
     mask = backbone[:, 0] >= 0
+    all_slots = torch.cat(flat)
+    row = torch.zeros(n * slots, dtype=torch.long, device=device)
+    row[all_slots] = torch.arange(all_slots.numel(), device=device)
     return DenseGraph(flat, mask, torch.where(mask.unsqueeze(1), attr, torch.zeros_like(attr)),
-                      torch.stack(global_slot, dim=1))
+                      torch.stack(global_slot, dim=1), row.view(n, slots))

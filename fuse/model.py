@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch_geometric.nn import GATv2Conv
 
 from evaluate.weighted import mix_scores
-from fuse.attention import star_gatv2
+from fuse.attention import Sources, star_gatv2_rows
 from fuse.batch import NodeBlock
 from fuse.config import ATTENTION, FuseConfig, ModelConfig
 from fuse.graph import bipartite_graph, dense_graph
@@ -90,8 +90,8 @@ class GraphEncoder(nn.Module):
         for module in (*self.proj, self.conv, self.merge, self.out):
             module.reset_parameters()
 
-    def node_features(self, blocks: Sequence[NodeBlock]) -> list[Tensor]:
-        """Each backbone's projected rows (the reference bug, if asked for, applied here)."""
+    def node_tokens(self, blocks: Sequence[NodeBlock]) -> list[Tensor]:
+        """The rows each backbone's projection reads (the reference bug, if asked for, applied here)."""
         tokens = [b.tokens for b in blocks]
         if self.cfg.reference_bug:
             rows = tokens[1].size(0)
@@ -99,7 +99,20 @@ class GraphEncoder(nn.Module):
                 raise ValueError(f"--reference-bug: the batch has {tokens[0].size(0)} first-backbone rows, "
                                  f"fewer than the second backbone's {rows}")
             tokens[1] = tokens[0][:rows]
-        return [proj(t) for proj, t in zip(self.proj, tokens)]
+        return tokens
+
+    def node_features(self, blocks: Sequence[NodeBlock]) -> tuple[Tensor, Tensor]:
+        """Every backbone's projected rows, stacked (backbone 0's, then 1's, ...): (R, width); and the global
+        nodes' projections, (N, B, width).
+
+        The global nodes are projected once more from their own rows (N * B rows, little work) rather than
+        gathered from the stacked rows, whose gradient would be an (R, width) zero-filled tensor every step.
+        """
+        tokens = self.node_tokens(blocks)
+        nodes = torch.cat([proj(t) for proj, t in zip(self.proj, tokens)])
+        first = [b.counts.cumsum(0) - b.counts for b in blocks]  # each sample's global row within its block
+        globals_ = torch.stack([proj(t[f]) for proj, t, f in zip(self.proj, tokens, first)], dim=1)
+        return nodes, globals_
 
     def graph(self, blocks: Sequence[NodeBlock]):
         """The batch's graph in the layout ``attend`` takes: the edge list (``fuse.graph.bipartite_graph``) for
@@ -111,30 +124,28 @@ class GraphEncoder(nn.Module):
         slots = int(torch.stack([b.counts_on_host() for b in blocks]).sum(0).max())
         return dense_graph(counts, self.cfg.edge_weights, rows, slots)
 
-    def attend(self, x: list[Tensor], blocks: Sequence[NodeBlock], graph=None) -> Tensor:
-        """(N * B, heads * width): the graph layer's output at every sample's global nodes (sample-major).
+    def attend(self, nodes: Tensor, globals_: Tensor, blocks: Sequence[NodeBlock], graph=None) -> Tensor:
+        """(N * B, heads * width): the graph layer's output at every sample's global nodes (sample-major), from
+        ``node_features``.
 
         ``attention="pyg"`` runs ``GATv2Conv.forward`` on the edge list; the dense kinds compute the same from
-        the same parameters per sample (``fuse.attention.star_gatv2``), without per-edge width-sized tensors.
-        ``graph``: ``self.graph(blocks)``, built here if not given.
+        the same parameters per sample (``fuse.attention.star_gatv2_rows``), without per-edge width-sized
+        tensors, reading the stacked rows where they are (no padded copy). ``graph``: ``self.graph(blocks)``,
+        built here if not given.
         """
         graph = self.graph(blocks) if graph is None else graph
-        nodes = torch.cat(x)
         if self.attention == "pyg":
-            edge_index, edge_attr, global_index = graph
-            return self.conv((nodes, nodes[global_index.reshape(-1)]), edge_index, edge_attr.to(nodes.dtype))
-        n, slots = blocks[0].batch_size, graph.mask.size(1)
-        x_src = nodes.new_zeros(n * slots, nodes.size(1)).index_copy(0, torch.cat(graph.slots), nodes)
-        x_src = x_src.view(n, slots, -1)
-        x_dst = x_src[torch.arange(n, device=nodes.device).unsqueeze(1), graph.global_slot]
-        out = star_gatv2(self.conv, x_src, graph.mask, x_dst, graph.edge_attr, impl=ATTENTION[self.attention])
-        return out.reshape(n * self.num_backbones, -1)
+            edge_index, edge_attr, _ = graph
+            return self.conv((nodes, globals_.flatten(0, 1)), edge_index, edge_attr.to(nodes.dtype))
+        sources = Sources(graph.row, graph.mask, torch.cat(graph.slots))
+        out = star_gatv2_rows(self.conv, nodes, sources, globals_, graph.edge_attr, impl=ATTENTION[self.attention])
+        return out.reshape(blocks[0].batch_size * self.num_backbones, -1)
 
     def forward(self, blocks: Sequence[NodeBlock], graph=None) -> Tensor:
         """(batch, embed_dim) float32, unit rows; ``graph`` as ``attend`` takes it."""
         if len(blocks) != self.num_backbones:
             raise ValueError(f"expected {self.num_backbones} NodeBlocks, got {len(blocks)}")
-        return self.readout(self.attend(self.node_features(blocks), blocks, graph), blocks)
+        return self.readout(self.attend(*self.node_features(blocks), blocks, graph), blocks)
 
     def readout(self, h: Tensor, blocks: Sequence[NodeBlock]) -> Tensor:
         """The graph layer's global-node outputs ``h`` merged, read out as [g1, e1, ..., eB, g2, ..., gB], mapped
@@ -190,6 +201,7 @@ class HadaModel(nn.Module):
         self.register_buffer("text_first_queue", torch.empty(first, q))
         self.register_buffer("idx_queue", torch.empty(q, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        self._scratch: dict[str, Tensor] = {}  # see _keys
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -271,12 +283,12 @@ class HadaModel(nn.Module):
             same = ids.view(-1, 1) == ids.view(1, -1)
 
         with torch.autocast(img.device.type, enabled=False):  # similarities in float32
-            sim_i2t = img @ torch.cat([txt_m, self.text_queue.t()]).t() / self.temp
-            sim_t2i = txt @ torch.cat([img_m, self.image_queue.t()]).t() / self.temp
+            sim_i2t = img @ self._keys("i2t", txt_m, self.text_queue) / self.temp
+            sim_t2i = txt @ self._keys("t2i", img_m, self.image_queue) / self.temp
             if cfg.weighted:
                 w = self.mixing_weight()
-                first_i2t = img0 @ torch.cat([txt0, self.text_first_queue.t()]).t() / self.temp
-                first_t2i = txt0 @ torch.cat([img0, self.image_first_queue.t()]).t() / self.temp
+                first_i2t = img0 @ self._keys("first_i2t", txt0, self.text_first_queue) / self.temp
+                first_t2i = txt0 @ self._keys("first_t2i", img0, self.image_first_queue) / self.temp
                 loss_itc = itc_loss(mix_scores(sim_i2t, first_i2t, w), mix_scores(sim_t2i, first_t2i, w), targets)
             else:
                 loss_itc = itc_loss(sim_i2t, sim_t2i, targets)
@@ -293,6 +305,18 @@ class HadaModel(nn.Module):
         if self.training:
             self._enqueue(img_m, txt_m, img0, txt0, ids)
         return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm}
+
+    @torch.no_grad()
+    def _keys(self, name: str, batch: Tensor, queue: Tensor) -> Tensor:
+        """(D, N + Q): the batch's (momentum) features, then the queue's columns: what the similarities compare
+        against. Written into a buffer kept from step to step (a plain copy of the queue, never transposed):
+        on CPU a fresh tensor this large comes from the OS and costs page faults at every step. The product
+        saves it for backward; the next step's write bumps its version, so a stale graph fails loudly."""
+        shape = (queue.size(0), batch.size(0) + queue.size(1))
+        buf = self._scratch.get(name)
+        if buf is None or buf.shape != shape or buf.device != queue.device or buf.dtype != queue.dtype:
+            buf = self._scratch[name] = queue.new_empty(shape)
+        return torch.cat([batch.t().to(queue.dtype), queue], dim=1, out=buf)
 
     @torch.no_grad()
     def _enqueue(self, img_m: Tensor, txt_m: Tensor, img0: Tensor, txt0: Tensor, ids: Tensor) -> None:

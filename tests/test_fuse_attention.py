@@ -6,7 +6,7 @@ import torch
 from torch_geometric.nn import GATv2Conv
 
 import fuse.attention as attention
-from fuse.attention import star_gatv2
+from fuse.attention import Sources, star_gatv2, star_gatv2_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -281,3 +281,87 @@ def test_compiled_matches_pyg(dtype):
         case = make_case(n, s, t, heads, channels=16, seed=n + s, dtype=dtype)
         got = outputs_and_grads(lambda *a: star_gatv2(*a, impl="compiled"), *case)
         assert_matches(outputs_and_grads(pyg_reference, *case), got, **tol)
+
+
+def rows_of(x_src, mask, seed=0):
+    """The real sources of a padded case as stacked rows in a random order, and the Sources placing them."""
+    n, s, _ = x_src.shape
+    real = torch.nonzero(mask.reshape(-1)).squeeze(1)
+    slot = real[torch.randperm(real.numel(), generator=torch.Generator().manual_seed(seed))]
+    row = torch.zeros(n * s, dtype=torch.long)
+    row[slot] = torch.arange(slot.numel())
+    return slot, Sources(row.view(n, s), mask, slot)
+
+
+def on_rows(impl):
+    """star_gatv2_rows as a function of the padded inputs: the real rows gathered (differentiably) in a shuffled
+    order, so the gradients land on x_src's slots and compare with PyG's directly."""
+    def fn(conv, x_src, mask, x_dst, edge_attr):
+        slot, sources = rows_of(x_src, mask)
+        return star_gatv2_rows(conv, x_src.flatten(0, 1)[slot], sources, x_dst, edge_attr, impl=impl)
+    return fn
+
+
+@pytest.mark.parametrize("n,s,t,heads", SHAPES)
+@pytest.mark.parametrize("impl", ["eager", "fused"])
+def test_rows_in_any_order_match_pyg(monkeypatch, n, s, t, heads, impl):
+    """Sources as stacked rows (the layout lin_l writes), placed in slots by an index: outputs and every
+    gradient as PyG's, for the eager passes and the fused expressions (torch.compile stubbed out)."""
+    if impl == "fused":
+        monkeypatch.setattr(attention, "_compiled", attention._Compiled())
+        monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    case = make_case(n, s, t, heads, seed=n + s)
+    got = outputs_and_grads(on_rows("eager" if impl == "eager" else "compiled"), *case)
+    assert_matches(outputs_and_grads(pyg_reference, *case), got, rtol=1e-10, atol=1e-12)
+
+
+def test_rows_argument_checks():
+    conv, x_src, mask, x_dst, edge_attr = make_case(2, 5, 2, 1)
+    slot, sources = rows_of(x_src, mask)
+    x_rows = x_src.flatten(0, 1)[slot]
+    with pytest.raises(ValueError, match="place each of the"):
+        star_gatv2_rows(conv, x_rows[1:], sources, x_dst, edge_attr, impl="eager")
+    with pytest.raises(ValueError, match="x_rows"):
+        star_gatv2_rows(conv, x_src, sources, x_dst, edge_attr, impl="eager")
+
+
+@pytest.mark.slow
+def test_compiled_rows_match_pyg_and_store_nothing_edge_sized():
+    """The compiled passes on shuffled rows: PyG's outputs and gradients, and no allocation during forward and
+    backward larger than x_l (a stored z, (N, T, S, H, C), would be T times larger)."""
+    from torch.profiler import profile
+
+    n, s, t, heads, c = 6, 40, 3, 4, 16
+    case = make_case(n, s, t, heads, channels=c, seed=3, dtype=torch.float32, ragged=False)
+    got = outputs_and_grads(on_rows("compiled"), *case)  # compiles
+    assert_matches(outputs_and_grads(pyg_reference, *case), got, rtol=1e-5, atol=1e-5)
+    with profile(profile_memory=True) as prof:
+        outputs_and_grads(on_rows("compiled"), *case)
+    # Every allocation, inside the compiled graphs too (operator totals are net of frees: they would miss a
+    # z allocated and freed within one pass).
+    sizes = [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    assert max(sizes) == n * s * heads * c * 4  # x_l and its gradient, nothing larger
+
+
+def test_rows_fall_back_to_eager_inside_a_call(monkeypatch):
+    """Compiling fails during a call on rows: that call's eager passes gather x_l into the padded layout and
+    still give PyG's outputs and gradients; later calls pad the inputs instead."""
+    compile_failing_with(monkeypatch, "no compiler here")
+    case = make_case(5, 9, 2, 2, seed=4)
+    ref = outputs_and_grads(pyg_reference, *case)
+    with pytest.warns(RuntimeWarning, match="no compiler here"):
+        got = outputs_and_grads(on_rows("auto"), *case)
+    assert_matches(ref, got, rtol=1e-10, atol=1e-12)
+    assert_matches(ref, outputs_and_grads(on_rows("auto"), *case), rtol=1e-10, atol=1e-12)
+
+
+def test_rows_out_of_range_are_refused():
+    """The compiled passes read through the indices unchecked: out-of-range ones are refused up front."""
+    conv, x_src, mask, x_dst, edge_attr = make_case(2, 5, 2, 1, ragged=False)
+    slot, sources = rows_of(x_src, mask)
+    x_rows = x_src.flatten(0, 1)[slot]
+    bad_row = sources._replace(row=sources.row.clone().fill_(x_rows.size(0)))
+    bad_slot = sources._replace(slot=sources.slot - 1)
+    for bad in (bad_row, bad_slot):
+        with pytest.raises(RuntimeError, match="out of range"):
+            star_gatv2_rows(conv, x_rows, bad, x_dst, edge_attr, impl="compiled")

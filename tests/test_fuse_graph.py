@@ -161,3 +161,16 @@ def test_packed_validation():
         PackedFeatures(torch.zeros(3, 2), torch.tensor([0, 1, 1, 3]), torch.zeros(3, 2))
     with pytest.raises(ValueError):
         PackedFeatures(torch.zeros(3, 2), torch.tensor([0, 3]), torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("counts", [[[3, 1, 5, 2], [1, 1, 1, 1]], [[2, 4, 1], [3, 1, 2], [1, 1, 1]]])
+def test_dense_layout_maps_slots_to_stacked_rows_and_back(counts):
+    """``row`` is the inverse of ``slots`` on the filled slots; global slots hold bipartite_graph's global rows."""
+    n = len(counts[0])
+    slots = max(sum(c[i] for c in counts) for i in range(n)) + 1
+    g = dense_graph(as_counts(counts), W, rows(counts), slots)
+    flat = torch.cat(list(g.slots))
+    assert torch.equal(g.row.reshape(-1)[flat], torch.arange(sum(rows(counts))))
+    assert (g.row[~g.mask] == 0).all()
+    _, _, glob = bipartite_graph(as_counts(counts), W, rows(counts))
+    assert torch.equal(g.row.gather(1, g.global_slot), glob)

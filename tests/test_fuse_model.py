@@ -271,3 +271,22 @@ def test_every_backbones_token_nodes_reach_the_output(backbone):
     assert has_tokens.any()
     assert not torch.allclose(before[has_tokens], after[has_tokens])
     torch.testing.assert_close(before[~has_tokens], after[~has_tokens])
+
+
+def test_similarity_keys_reuse_one_buffer_and_a_stale_graph_fails():
+    """The (D, N + Q) keys of the ITC similarities are written into the same memory every step: the batch's
+    momentum features, then the queue as it was before this step's enqueue."""
+    torch.manual_seed(0)
+    m = model().train()
+    ids = torch.tensor([0, 1, 2, 3])
+    m(blocks(4, 1), blocks(4, 2), ids)["loss"].backward()
+    queue = m.text_queue.clone()
+    first = m._scratch["i2t"].data_ptr()
+    out = m(blocks(4, 3), blocks(4, 4), ids)
+    keys = m._scratch["i2t"]
+    assert keys.data_ptr() == first and keys.shape == (CFG.embed_dim, 4 + CFG.queue_size)
+    torch.testing.assert_close(keys[:, 4:], queue, rtol=0, atol=0)
+    assert not torch.equal(m.text_queue, queue)  # this step enqueued after computing its similarities
+    m(blocks(4, 5), blocks(4, 6), ids)  # overwrites the keys the previous graph saved
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out["loss"].backward()
