@@ -18,13 +18,15 @@ PyG materialises ``z`` and several other per-edge (N*T*S, H, C) tensors and keep
 them for backward. Here a custom autograd function keeps only ``x_l``, ``x_r``
 and (N, T, S, H) attention tensors, and recomputes ``z`` in backward. Per step,
 after the projections, it makes five passes over ``x_l``-sized data and stores
-nothing larger than ``x_l``:
+nothing larger than ``x_l``; each pass reads ``x_l`` once, for all T targets:
 
 * forward: scores (elementwise + reduction over c, per target), masked softmax
   over s in float32, dropout, messages (reduction over s);
 * backward: ``d alpha`` (reduction over c), softmax backward, one pass writing
   ``d x_l`` (message and score terms together), one reduction over s giving
-  ``d x_r``, ``d lin_edge.weight`` and ``d att``.
+  ``d x_r``, ``d lin_edge.weight`` and ``d att`` (of the relu part of
+  ``leaky(z) = s*z + (1-s)*relu(z)`` only; the linear part comes from sums of
+  the score gradient).
 
 Layouts. :func:`star_gatv2` takes padded sources (N, S, F). :func:`star_gatv2_rows`
 takes them as the rows of a stacked (R, F) matrix (HADA's encoder: every
@@ -54,32 +56,20 @@ Two implementations of those passes:
   inside a call, that call's eager passes gather ``x_l`` into the padded layout.
 
 ``impl="auto"`` (the default) uses ``compiled`` and falls back to ``eager``,
-with a warning, for the rest of the process if compiling fails. The default can
-be changed with :func:`set_default_impl` or the ``FUSE_ATTENTION_IMPL``
-environment variable (``auto``, ``compiled``, ``eager``).
+with a warning, for the rest of the process if compiling fails (``fuse.compiled``,
+shared with the ITC loss). The default can be changed with :func:`set_default_impl`
+or the ``FUSE_ATTENTION_IMPL`` environment variable (``auto``, ``compiled``, ``eager``).
 """
 from __future__ import annotations
 
-import os
-import warnings
-from typing import Callable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IMPLS = ("auto", "compiled", "eager")
-_default_impl = os.environ.get("FUSE_ATTENTION_IMPL", "auto")
-if _default_impl not in IMPLS:
-    raise ValueError(f"FUSE_ATTENTION_IMPL must be one of {IMPLS}, got {_default_impl!r}")
-
-
-def set_default_impl(impl: str) -> None:
-    """Choose the implementation used when ``star_gatv2`` gets ``impl=None``."""
-    global _default_impl
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    _default_impl = impl
+from fuse import compiled
+from fuse.compiled import IMPLS, set_default_impl  # noqa: F401  (this module's impl switch, re-exported)
 
 
 def default_chunk_elems(device: torch.device) -> int:
@@ -119,21 +109,30 @@ class Sources(NamedTuple):
 # Python loops over T unroll (T is 2 or 3), so every pass is one loop nest over x_l.
 # --------------------------------------------------------------------------------------
 
+def _per_target(fn, t: int) -> Tensor:
+    """stack([fn(0), ..., fn(t - 1)], 1): one expression per target, so that inductor puts every target's
+    reduction in the loop nest that loads x_l once (a (N, T, S, ...) expression reads it T times)."""
+    return torch.stack([fn(k) for k in range(t)], 1)
+
+
 def _fused_scores(x_l: Tensor, row: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor,
                   slope: float) -> Tensor:
     ct = att.dtype
-    z = x_l[row].unsqueeze(1).to(ct) + x_r.unsqueeze(2).to(ct) + e[..., None, None] * w
-    return (F.leaky_relu(z, slope) * att).sum(-1)
+    xs = x_l[row].to(ct)
+    return _per_target(lambda t: (F.leaky_relu(xs + x_r[:, t, None].to(ct) + e[:, t, :, None, None] * w, slope)
+                                  * att).sum(-1), x_r.size(1))
 
 
 def _fused_messages(alpha: Tensor, x_l: Tensor, row: Tensor) -> Tensor:
     """out[n, t, h] = sum_s alpha[n, t, s, h] * x_l[row[n, s], h], in x_l's dtype."""
-    return (alpha.unsqueeze(-1) * x_l[row].unsqueeze(1).to(alpha.dtype)).sum(2).to(x_l.dtype)
+    xs = x_l[row].to(alpha.dtype)
+    return _per_target(lambda t: (alpha[:, t, ..., None] * xs).sum(1), alpha.size(1)).to(x_l.dtype)
 
 
 def _fused_grad_alpha(g_out: Tensor, x_l: Tensor, row: Tensor, ct: torch.dtype) -> Tensor:
     """d alpha[n, t, s, h] = g_out[n, t, h] . x_l[row[n, s], h], in the compute dtype."""
-    return (x_l[row].unsqueeze(1).to(ct) * g_out.unsqueeze(2).to(ct)).sum(-1)
+    xs = x_l[row].to(ct)
+    return _per_target(lambda t: (xs * g_out[:, t, None].to(ct)).sum(-1), g_out.size(1))
 
 
 def _fused_grad_src(x_l: Tensor, sample: Tensor, slot: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor,
@@ -154,18 +153,22 @@ def _fused_grad_src(x_l: Tensor, sample: Tensor, slot: Tensor, x_r: Tensor, e: T
 
 def _fused_grad_dst(x_l: Tensor, row: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor, g: Tensor,
                     slope: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(d x_r, d w, d att) from three sums over s that inductor fuses into one loop nest
-    (z computed once per element, three accumulators)."""
+    """(d x_r, d w, d att), with leaky(z) = slope * z + (1 - slope) * relu(z): only the relu part needs z per
+    element, p = [z > 0] * g. Four sums over s per sample, one loop nest (z computed once per element and
+    target); the linear parts come from sums of g."""
     ct = att.dtype
-    z = x_l[row].unsqueeze(1).to(ct) + x_r.unsqueeze(2).to(ct) + e[..., None, None] * w
-    pos = z > 0
-    # Small (N, T, S, H, 1) factors; where() picks g or slope * g: leaky'(z) * g, exactly.
-    g5 = g.unsqueeze(-1)
-    ge5 = g5 * e[..., None, None]
-    d_sum = torch.where(pos, g5, slope * g5).sum(2)  # (N, T, H, C)
-    de_sum = torch.where(pos, ge5, slope * ge5).sum(2)
-    lz_sum = (torch.where(pos, z, slope * z) * g5).sum(2)
-    return d_sum * att, de_sum.sum((0, 1)) * att, lz_sum.sum((0, 1))
+    xs = x_l[row].to(ct)
+    t = x_r.size(1)
+    z = [xs + x_r[:, k, None].to(ct) + e[:, k, :, None, None] * w for k in range(t)]
+    p = [torch.where(z[k] > 0, g[:, k, ..., None], 0.0) for k in range(t)]
+    p_sum = _per_target(lambda k: p[k].sum(1), t)  # (N, T, H, C)
+    pe_sum = _per_target(lambda k: (p[k] * e[:, k, :, None, None]).sum(1), t).sum((0, 1))
+    pz_sum = _per_target(lambda k: (p[k] * z[k]).sum(1), t).sum((0, 1))
+    gx_sum = (g.sum(1).unsqueeze(-1) * xs).sum(1).sum(0)  # sum_{n, s} (sum_t g) x_l: z's x_l part
+    q, g_dst = 1.0 - slope, g.sum(2).unsqueeze(-1)  # (N, T, H, 1)
+    ge = (g * e.unsqueeze(-1)).sum((0, 1, 2)).unsqueeze(-1)  # (H, 1)
+    gz_sum = gx_sum + (g_dst * x_r.to(ct)).sum((0, 1)) + ge * w  # sum of g * z
+    return (q * p_sum + slope * g_dst) * att, (q * pe_sum + slope * ge) * att, q * pz_sum + slope * gz_sum
 
 
 def _fused_grad_edge(x_l: Tensor, row: Tensor, x_r: Tensor, e: Tensor, w: Tensor, att: Tensor, g: Tensor,
@@ -294,23 +297,6 @@ def _eager_grads(x_l, x_r, e, w, att, g, alpha, g_out, slope, chunk, need_edge):
 _INDUCTOR_OPTIONS = {"realize_reads_threshold": 8, "assert_indirect_indexing": False}
 
 
-class _Compiled:
-    """Lazily compiled fused passes; remembers a compile failure (then impl 'auto' runs eager)."""
-
-    def __init__(self):
-        self._fns: dict[str, Callable] = {}
-        self.error: Optional[BaseException] = None
-
-    def __call__(self, name: str, fn: Callable, *args):
-        if name not in self._fns:
-            self._fns[name] = torch.compile(fn, dynamic=True, options=_INDUCTOR_OPTIONS)
-        with torch.profiler.record_function(f"fuse.attention.{name}"):  # names the pass in profiles
-            return self._fns[name](*args)
-
-
-_compiled = _Compiled()
-
-
 class _Kernels:
     """The fused passes for one call: compiled, eager, or compiled with eager fallback.
 
@@ -325,19 +311,7 @@ class _Kernels:
 
     def _try_compiled(self, name, fn, *args):
         """(True, result) from the compiled pass, or (False, None) to run eager."""
-        if self.impl == "eager" or (self.impl == "auto" and _compiled.error is not None):
-            return False, None
-        if self.impl == "compiled":
-            return True, _compiled(name, fn, *args)
-        try:
-            return True, _compiled(name, fn, *args)
-        except Exception as err:  # no C++ compiler, no Triton, an inductor bug...
-            if isinstance(err, torch.OutOfMemoryError) or "allocate memory" in str(err):
-                raise  # the eager passes would not fit either; not a compiler problem
-            _compiled.error = err
-            warnings.warn(f"fuse.attention: torch.compile failed ({type(err).__name__}: {err}); "
-                          "using the eager implementation from now on", RuntimeWarning, stacklevel=2)
-            return False, None
+        return compiled.try_compiled(self.impl, f"attention.{name}", fn, *args, options=_INDUCTOR_OPTIONS)
 
     def to_padded(self, x_l: Tensor) -> Tensor:
         """x_l (R, H, C) as (N, S, H, C) for the eager passes; a gather is kept until ``release``."""
@@ -480,8 +454,7 @@ def star_gatv2_rows(conv, x_rows: Tensor, sources: Sources, x_dst: Tensor, edge_
         if index.numel():  # the compiled passes load through these without bounds checks
             lo, hi = torch.aminmax(index)
             torch._assert_async((lo >= 0) & (hi < size), f"star_gatv2_rows: sources.{name} out of range")
-    impl = _default_impl if impl is None else impl
-    if impl == "eager" or (impl == "auto" and _compiled.error is not None):
+    if compiled.wants_eager(impl):
         # The eager passes work on the padded layout: pad the inputs (F wide) rather than x_l (H * C wide).
         x_src = x_rows.new_zeros(sources.mask.numel(), x_rows.size(1)).index_copy(0, sources.slot, x_rows)
         return _star(conv, x_src, Sources.padded(sources.mask), x_dst, edge_attr, impl, chunk_elems, padded=True)
@@ -490,9 +463,7 @@ def star_gatv2_rows(conv, x_rows: Tensor, sources: Sources, x_dst: Tensor, edge_
 
 def _star(conv, x_rows: Tensor, src: Sources, x_dst: Tensor, edge_attr: Optional[Tensor], impl: Optional[str],
           chunk_elems: Optional[int], padded: bool) -> Tensor:
-    impl = _default_impl if impl is None else impl
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    impl = compiled.resolve(impl)
     n, s = src.mask.shape
     t = x_dst.size(1)
     if x_dst.size(0) != n:

@@ -5,9 +5,14 @@ bfloat16 activations under autocast.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from evaluate.weighted import mix_scores
+from fuse import compiled
 
 
 def id_targets(ids: Tensor, all_ids: Tensor) -> Tensor:
@@ -31,6 +36,33 @@ def itc_loss(sim_i2t: Tensor, sim_t2i: Tensor, targets: Tensor) -> Tensor:
     queue entries, so one target matrix serves both directions.
     """
     return 0.5 * (soft_cross_entropy(sim_i2t, targets) + soft_cross_entropy(sim_t2i, targets))
+
+
+def _itc_from_products(p_i2t: Tensor, p_t2i: Tensor, temp: Tensor, ids: Tensor, all_ids: Tensor,
+                       first_i2t: Optional[Tensor], first_t2i: Optional[Tensor], w: Optional[Tensor]) -> Tensor:
+    targets = id_targets(ids, all_ids)
+    sim_i2t, sim_t2i = p_i2t / temp, p_t2i / temp
+    if w is not None:
+        sim_i2t, sim_t2i = mix_scores(sim_i2t, first_i2t / temp, w), mix_scores(sim_t2i, first_t2i / temp, w)
+    return itc_loss(sim_i2t, sim_t2i, targets)
+
+
+def itc_loss_from_products(p_i2t: Tensor, p_t2i: Tensor, temp: Tensor, ids: Tensor, all_ids: Tensor,
+                           first: Optional[tuple[Tensor, Tensor]] = None, w: Optional[Tensor] = None,
+                           impl: Optional[str] = None) -> Tensor:
+    """:func:`itc_loss` of the products ``p`` (rows: the batch, columns: batch + queue) divided by ``temp``,
+    with :func:`id_targets` of ``ids`` against ``all_ids``; in the weighted stage the logits are
+    ``mix_scores(p / temp, first / temp, w)``.
+
+    The same expressions, ``torch.compile``'d by default (``fuse.compiled``; ``impl`` as there): the eager
+    version makes a dozen passes over (N, N + Q) tensors, each a fresh allocation, where the compiled one
+    makes a few fused ones.
+    """
+    if (first is None) != (w is None):
+        raise ValueError("the weighted ITC loss needs both the first backbone's products and w")
+    args = (p_i2t, p_t2i, temp, ids, all_ids, *(first or (None, None)), w)
+    ok, loss = compiled.try_compiled(impl, "loss.itc", _itc_from_products, *args)
+    return loss if ok else _itc_from_products(*args)
 
 
 def sample_hard_negatives(logits: Tensor, same: Tensor) -> tuple[Tensor, Tensor]:

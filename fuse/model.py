@@ -15,12 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.nn import GATv2Conv
 
-from evaluate.weighted import mix_scores
 from fuse.attention import Sources, star_gatv2_rows
 from fuse.batch import NodeBlock
 from fuse.config import ATTENTION, FuseConfig, ModelConfig
 from fuse.graph import bipartite_graph, dense_graph
-from fuse.losses import id_targets, itc_loss, itm_features, itm_loss, sample_hard_negatives
+from fuse.losses import itc_loss_from_products, itm_features, itm_loss, sample_hard_negatives
 
 # Image ids of the queue's initial random entries (never equal to a real id, so never a positive).
 EMPTY_ID = -100
@@ -187,6 +186,7 @@ class HadaModel(nn.Module):
         if image_embed_dims[0] != text_embed_dims[0]:
             raise ValueError("the first backbone's image and caption embeddings need the same size")
         self.cfg = cfg
+        self.impl = ATTENTION[attention]  # the compiled pieces' impl (fuse.compiled), the ITC loss's too
         self.image_encoder = GraphEncoder(image_token_dims, image_embed_dims, cfg, attention)
         self.text_encoder = GraphEncoder(text_token_dims, text_embed_dims, cfg, attention)
         self.image_encoder_m = copy.deepcopy(self.image_encoder).requires_grad_(False)
@@ -279,22 +279,23 @@ class HadaModel(nn.Module):
         with torch.no_grad():
             img_m = self.image_encoder_m(image_blocks, image_graph)
             txt_m = self.text_encoder_m(text_blocks, text_graph)
-            targets = id_targets(ids, torch.cat([ids, self.idx_queue]))
             same = ids.view(-1, 1) == ids.view(1, -1)
 
         with torch.autocast(img.device.type, enabled=False):  # similarities in float32
-            sim_i2t = img @ self._keys("i2t", txt_m, self.text_queue) / self.temp
-            sim_t2i = txt @ self._keys("t2i", img_m, self.image_queue) / self.temp
+            # The products alone; the loss divides by the temperature inside its fused passes.
+            p_i2t = img @ self._keys("i2t", txt_m, self.text_queue)
+            p_t2i = txt @ self._keys("t2i", img_m, self.image_queue)
+            first, w = None, None
             if cfg.weighted:
                 w = self.mixing_weight()
-                first_i2t = img0 @ self._keys("first_i2t", txt0, self.text_first_queue) / self.temp
-                first_t2i = txt0 @ self._keys("first_t2i", img0, self.image_first_queue) / self.temp
-                loss_itc = itc_loss(mix_scores(sim_i2t, first_i2t, w), mix_scores(sim_t2i, first_t2i, w), targets)
-            else:
-                loss_itc = itc_loss(sim_i2t, sim_t2i, targets)
+                first = (img0 @ self._keys("first_i2t", txt0, self.text_first_queue),
+                         txt0 @ self._keys("first_t2i", img0, self.image_first_queue))
+            loss_itc = itc_loss_from_products(p_i2t, p_t2i, self.temp, ids, torch.cat([ids, self.idx_queue]),
+                                              first, w, impl=self.impl)
             # Hard negatives from the fused in-batch similarities: a caption per image, an image per caption.
-            neg_txt, has_neg_txt = sample_hard_negatives(sim_i2t[:, :n], same)
-            neg_img, has_neg_img = sample_hard_negatives(sim_t2i[:, :n], same)
+            with torch.no_grad():
+                neg_txt, has_neg_txt = sample_hard_negatives(p_i2t[:, :n] / self.temp, same)
+                neg_img, has_neg_img = sample_hard_negatives(p_t2i[:, :n] / self.temp, same)
 
         # As the reference's itm_loss: the pairs (label 1), then (a hard negative image, each caption) and
         # (each image, a hard negative caption) (label 0).

@@ -6,6 +6,7 @@ import torch
 from torch_geometric.nn import GATv2Conv
 
 import fuse.attention as attention
+import fuse.compiled as compiled
 from fuse.attention import Sources, star_gatv2, star_gatv2_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -232,7 +233,7 @@ def compile_failing_with(monkeypatch, message: str) -> None:
             raise RuntimeError(message)
         return run
 
-    monkeypatch.setattr(attention, "_compiled", attention._Compiled())
+    monkeypatch.setattr(compiled, "_compiled", compiled.Compiled())
     monkeypatch.setattr(torch, "compile", failing_compile)
 
 
@@ -243,11 +244,11 @@ def test_auto_falls_back_to_eager_when_compiling_fails(monkeypatch):
     with pytest.warns(RuntimeWarning, match="no compiler here"):
         got = outputs_and_grads(lambda *a: star_gatv2(*a, impl="auto"), *case)
     assert_matches(ref, got, rtol=0, atol=0)
-    assert attention._compiled.error is not None
+    assert compiled._compiled.error is not None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once, then silently eager
         star_gatv2(*case, impl="auto")
-    monkeypatch.setattr(attention, "_compiled", attention._Compiled())
+    monkeypatch.setattr(compiled, "_compiled", compiled.Compiled())
     with pytest.raises(RuntimeError, match="no compiler here"):
         star_gatv2(*case, impl="compiled")
 
@@ -256,19 +257,19 @@ def test_auto_does_not_fall_back_on_out_of_memory(monkeypatch):
     compile_failing_with(monkeypatch, "DefaultCPUAllocator: can't allocate memory: you tried to allocate")
     with pytest.raises(RuntimeError, match="allocate memory"):
         star_gatv2(*make_case(2, 5, 2, 1), impl="auto")
-    assert attention._compiled.error is None
+    assert compiled._compiled.error is None
 
 
 @pytest.mark.parametrize("n,s,t,heads", SHAPES)
 def test_fused_expressions_match_pyg(monkeypatch, n, s, t, heads):
     """The whole-tensor expressions that impl="compiled" hands to torch.compile, run as plain
     PyTorch (torch.compile stubbed out): their math, without the compile time."""
-    monkeypatch.setattr(attention, "_compiled", attention._Compiled())
+    monkeypatch.setattr(compiled, "_compiled", compiled.Compiled())
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     case = make_case(n, s, t, heads, seed=n + s)
     got = outputs_and_grads(lambda *a: star_gatv2(*a, impl="compiled"), *case)
-    assert set(attention._compiled._fns) == {"scores", "messages", "grad_alpha", "grad_src",
-                                              "grad_dst", "grad_edge"}
+    assert set(compiled._compiled._fns) == {f"attention.{name}" for name in (
+        "scores", "messages", "grad_alpha", "grad_src", "grad_dst", "grad_edge")}
     assert_matches(outputs_and_grads(pyg_reference, *case), got, rtol=1e-10, atol=1e-12)
 
 
@@ -308,7 +309,7 @@ def test_rows_in_any_order_match_pyg(monkeypatch, n, s, t, heads, impl):
     """Sources as stacked rows (the layout lin_l writes), placed in slots by an index: outputs and every
     gradient as PyG's, for the eager passes and the fused expressions (torch.compile stubbed out)."""
     if impl == "fused":
-        monkeypatch.setattr(attention, "_compiled", attention._Compiled())
+        monkeypatch.setattr(compiled, "_compiled", compiled.Compiled())
         monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     case = make_case(n, s, t, heads, seed=n + s)
     got = outputs_and_grads(on_rows("eager" if impl == "eager" else "compiled"), *case)
