@@ -18,7 +18,8 @@ Timed, --warmup steps untimed then --steps timed, with the default FuseConfig at
 * the ratio step / floor, s/epoch (pairs / batch x s/step), pairs/s, and the peak resident memory of the
   process (VmHWM) and on a GPU the peak allocated device memory;
 * the same ratio in process CPU time: with --threads 1 it measures the work, however loaded the machine is.
---rounds R times (steps, then floor) R times and keeps the best round of each (warm-up in the first only).
+--rounds R times (steps, then floor) R times and keeps the best round of each (warm-up in the first only);
+it also prints the median over rounds of each round's step / floor.
 
 Recomputed backbones: full-size random-initialised BLIP (ViT-B/16@384 image, BERT-base text, 20 tokens)
 and CLIP ViT-L/14@336 QuickGELU (image, text at 77 tokens), one batch of --backbone-batch through all four
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -254,7 +256,11 @@ def main() -> None:
         floor, floor_cpu = min(w for w, _ in rounds["floor"]), min(c for _, c in rounds["floor"])
         result["floor"] = {"floor_seconds": floor, "floor_cpu_seconds": floor_cpu,
                            "ratio_step_to_floor": step / floor, "ratio_cpu": step_cpu / floor_cpu,
-                           "rounds": [{"wall": w, "cpu": c} for w, c in rounds["floor"]]}
+                           "rounds": [{"wall": w, "cpu": c} for w, c in rounds["floor"]],
+                           # Each round's step against the floor timed right after it: on a machine whose speed
+                           # drifts, the median of these pairs is steadier than the best of each.
+                           "paired_ratios": [s[0] / f[0] for s, f in zip(rounds["step"], rounds["floor"])]}
+        result["floor"]["paired_ratio_median"] = statistics.median(result["floor"]["paired_ratios"])
     if profiled is not None:
         result["profile"] = top_operators(lambda: trainer.step(features, profiled, 0), device, args.profile_rows)
     result["step_seconds"] = step
@@ -278,6 +284,9 @@ def main() -> None:
               f"step / floor = {f['ratio_step_to_floor']:.2f}")
         print(f"cpu    step {step_cpu * 1e3:.1f} ms, floor {floor_cpu * 1e3:.1f} ms of process CPU time; "
               f"step / floor = {f['ratio_cpu']:.2f}")
+        pairs = f["paired_ratios"]
+        print(f"rounds step / floor of the same round: median {f['paired_ratio_median']:.2f} "
+              f"(min {min(pairs):.2f}, max {max(pairs):.2f}, {len(pairs)} rounds)")
     if "recomputed_backbones" in result:
         bb = result["recomputed_backbones"]
         parts = ", ".join(f"{k} {v:.2f}" for k, v in bb["seconds_per_batch"].items())
