@@ -101,7 +101,8 @@ class FuseConfig:
     attention: str = opt("dense", "how the graph layer is computed, the same model each way: dense (per-sample dense "
                                   "attention from the GATv2 parameters, torch.compile'd: the first run compiles for "
                                   "about a minute; eager if compiling fails), dense-eager, dense-compiled, or pyg "
-                                  "(GATv2Conv.forward on the edge list, per-edge tensors)", choices=tuple(ATTENTION))
+                                  "(GATv2Conv.forward on the edge list, per-edge tensors); the contrastive loss is "
+                                  "compiled too, except with dense-eager", choices=tuple(ATTENTION))
     precision: str = opt("fp32", "deviation: bf16 runs the GPU matmuls under bfloat16 autocast (similarities and "
                                  "losses stay fp32); the reference trains in fp32", choices=("fp32", "bf16"))
     seed: int = opt(0, "seed of initialisation, shuffling, view choice, dropout and negatives", min=0, max=2**31 - 1)
