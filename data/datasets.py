@@ -20,7 +20,6 @@ from data.records import (
     ReadOptions,
     Skipped,
     check_captions,
-    parse_holdout,
     safe_relative,
     split_samples,
 )
@@ -200,7 +199,8 @@ def _read_json_dataset(spec: DatasetSpec, splits: list[str] | None) -> dict[str,
     elif splits is None:
         raise PipelineError(f"--annotations {spec.annotations} holds one split, unnamed: say which with --split")
     else:
-        samples = {split: read_lavis(spec.annotations, skip) for split in splits}
+        rows = read_lavis(spec.annotations, skip)  # one unnamed split: the same rows for each asked
+        samples = dict.fromkeys(splits, rows)
     if skip is not None:
         skip.report()
     return samples
@@ -225,8 +225,7 @@ def recorded_images(config: dict, index: SplitIndex):
     extraction config its store recorded; None when that reading no longer gives the same split index (the
     annotations moved or changed)."""
     try:
-        options = ReadOptions(config.get("image_column"), config.get("caption_column"),
-                              parse_holdout(config.get("holdout")), bool(config.get("skip_bad")))
+        options = ReadOptions.from_config(config)
         spec = resolve(index.dataset, config.get("data_root") or "datasets", config.get("annotations"),
                        config.get("images"), config.get("webdataset"), options)
         rebuilt = load_split(spec, index.split, config.get("captions_per_image"))

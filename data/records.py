@@ -28,6 +28,12 @@ class ReadOptions:
     holdout: tuple[float, float] | None = None
     skip_bad: bool = False
 
+    @classmethod
+    def from_config(cls, config: dict) -> "ReadOptions":
+        """From an extraction config (``ExtractConfig.to_dict()``, or the one a store recorded)."""
+        return cls(config.get("image_column"), config.get("caption_column"), parse_holdout(config.get("holdout")),
+                   bool(config.get("skip_bad")))
+
 
 @dataclass
 class Record:

@@ -167,6 +167,18 @@ def common_settings(names: list[str], stores_by_split: dict[str, list["FeatureSt
 READ_CHUNK = 1024  # rows per read when a load skips rows (augmented views)
 
 
+@contextlib.contextmanager
+def _complete_shard(path: Path) -> Iterator[h5py.File]:
+    """A shard open for reading; an incomplete or unreadable one is refused by name."""
+    try:
+        with h5py.File(path, "r") as f:
+            if not f.attrs.get("complete", False):
+                raise PipelineError(f"shard {path} is incomplete: rerun `pipeline extract` to redo it")
+            yield f
+    except OSError as e:
+        raise PipelineError(f"shard {path} cannot be read ({e}): remove it and rerun `pipeline extract`") from None
+
+
 def token_rows(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
     """Indices of the token rows of samples whose rows start at ``starts`` and number ``counts``, concatenated."""
     before = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
@@ -304,18 +316,15 @@ class FeatureStore:
             raise ValueError(f"kind must be one of {KINDS}")
         plan = []  # (path, first row, last row, token offsets of rows lo..hi, rows kept among lo:hi or None)
         for path in self.shard_paths(kind):
-            try:
-                with h5py.File(path, "r") as f:
-                    if not f.attrs.get("complete", False):
-                        raise PipelineError(f"shard {path} is incomplete: rerun `pipeline extract` to redo it")
-                    ids = f["ids"][:]
-                    lo, hi = (0, len(ids)) if id_range is None else np.searchsorted(ids, id_range)
-                    keep = f["view"][lo:hi] == 0 if clean and "view" in f else None
-                    if hi > lo and (keep is None or keep.any()):
-                        plan.append((path, int(lo), int(hi), f["offsets"][lo:hi + 1], keep))
-            except OSError as e:
-                raise PipelineError(f"shard {path} cannot be read ({e}): "
-                                    f"remove it and rerun `pipeline extract`") from None
+            with _complete_shard(path) as f:
+                n = len(f["ids"])
+                if id_range is not None and (n == 0 or f["ids"][n - 1] < id_range[0] or f["ids"][0] >= id_range[1]):
+                    continue  # no row in the range: its ids are not read
+                ids = f["ids"][:]
+                lo, hi = (0, len(ids)) if id_range is None else np.searchsorted(ids, id_range)
+                keep = f["view"][lo:hi] == 0 if clean and "view" in f else None
+                if hi > lo and (keep is None or keep.any()):
+                    plan.append((path, int(lo), int(hi), f["offsets"][lo:hi + 1], keep))
         if not plan:
             raise PipelineError(f"{self.root}: no {kind} rows" + (f" with ids in {id_range}" if id_range else ""))
         with h5py.File(plan[0][0], "r") as f:
@@ -371,7 +380,12 @@ class FeatureStore:
 
     def clean_image_ids(self) -> np.ndarray:
         """Rows of the clean image views (view 0) in the store, in order, read without their features."""
-        return self.load("images", tokens=False, clean=True).ids
+        parts = []
+        for path in self.shard_paths("images"):
+            with _complete_shard(path) as f:
+                ids = f["ids"][:]
+                parts.append(ids[f["view"][:] == 0] if "view" in f else ids)
+        return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
     def bad_images(self) -> list[int]:
         return [b["id"] for b in self.manifest().get("bad_images", [])]

@@ -20,7 +20,7 @@ from data.errors import PipelineError
 from data.image_source import TarMembers
 from data.progress import Progress
 from data.records import Collection, ReadOptions, Record
-from data.tables import CAPTION_COLUMNS
+from data.tables import CAPTION_COLUMNS, caption_list
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode formats (and webdataset's jpeg)
 SPLIT_FIELD = "split"
@@ -153,9 +153,10 @@ def read_webdataset(pattern: str, options: ReadOptions) -> Collection:
                 for sample in tar_samples(path):
                     image = next((e for e in image_exts if e in sample.members), None)
                     value = next((v for v in map(sample.field, caption_fields) if v is not None), None)
-                    found["images"] += image is not None
-                    found["captions"] += value is not None
-                    found["fields"] |= set(sample.fields())
+                    if number == 0:  # what check_first_shard reports on
+                        found["images"] += image is not None
+                        found["captions"] += value is not None
+                        found["fields"] |= set(sample.fields())
                     member = sample.members.get(image)
                     name = member.name if member is not None else sample.key
                     if name in seen:
@@ -163,8 +164,7 @@ def read_webdataset(pattern: str, options: ReadOptions) -> Collection:
                                             f"unique across the shards")
                     seen[name] = path
                     ref = (number, member.offset_data, member.size) if member is not None else (number, 0, -1)
-                    captions = value if isinstance(value, list) else [value]
-                    yield Record(name, captions, sample.field(SPLIT_FIELD), f"{path}:{sample.key}", ref)
+                    yield Record(name, caption_list(value), sample.field(SPLIT_FIELD), f"{path}:{sample.key}", ref)
                 if number == 0:
                     check_first_shard(path, found, image_exts, caption_fields)
                 progress.update(1)

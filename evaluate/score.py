@@ -174,7 +174,7 @@ class Scorer:
         """Block by block from the embeddings (memory bounded whatever the split's size); per-query ones whole."""
         cov = self.split.coverage(emb.image_ids)
         if emb.queries is not None:
-            self.add(emb.name, *cov.expand(*retrieval_ranks(emb.similarities(), cov.local_t2i)), emb.scores())
+            self.add_computed(emb.name, emb.scores())
             return
         self.add(emb.name, *cov.expand(*retrieval_ranks_from_embeddings(emb.images, emb.texts, cov.local_t2i)),
                  emb.scores())
@@ -192,27 +192,29 @@ class Scorer:
 
     def late_fusion(self, backbones: list[Embeddings], weights, method: str = "late-fusion") -> None:
         ids = self.split.common_ids(backbones)
-        cov = self.split.coverage(ids)
 
         def block(part: Part) -> tuple[torch.Tensor, torch.Tensor]:
             sub = ids if part.images is None else ids[part.images.numpy()]
             return late_fusion_similarities([e.similarities(sub, part.captions) for e in backbones], weights)
 
-        whole, scores = Scores(ids, block).computed()
-        self.add(method, *cov.expand(*ranks_of(*whole, cov.local_t2i)), scores)
+        self.add_computed(method, Scores(ids, block))
 
     def rerank(self, emb: Embeddings, bank: Embeddings, alpha: float) -> None:
         cov = self.split.coverage(emb.image_ids)
         for_i2t, for_t2i = nnn_similarities(emb.images, emb.texts, bank.images, bank.texts, alpha=alpha)
-        i2t, _ = retrieval_ranks(for_i2t, cov.local_t2i, which="i2t")
-        _, t2i = retrieval_ranks(for_t2i, cov.local_t2i, which="t2i")
-        self.add(f"{emb.name}+rerank", *cov.expand(i2t, t2i), Scores.of_matrices(emb.image_ids, for_i2t, for_t2i))
+        self.add(f"{emb.name}+rerank", *cov.expand(*ranks_of(for_i2t, for_t2i, cov.local_t2i)),
+                 Scores.of_matrices(emb.image_ids, for_i2t, for_t2i))
 
     def bank_norm(self, emb: Embeddings, rows: BankRows, method: str) -> None:
         """A QB-Norm or DBNorm row (``method``) of one method, its settings tuned by ``rows``."""
-        cov = self.split.coverage(emb.image_ids)
-        whole, scores = rows.scores(method, emb.image_ids).computed()
-        self.add(f"{emb.name}+{method}", *cov.expand(*ranks_of(*whole, cov.local_t2i)), scores)
+        self.add_computed(f"{emb.name}+{method}", rows.scores(method, emb.image_ids))
+
+    def add_computed(self, method: str, scores: Scores) -> None:
+        """A row from scores over the images ``scores.present``, computed whole once: ranked here, and the same
+        matrices kept for the other protocols (COCO 1K, ECCV)."""
+        cov = self.split.coverage(scores.present)
+        whole, scores = scores.computed()
+        self.add(method, *cov.expand(*ranks_of(*whole, cov.local_t2i)), scores)
 
 
 def tuned_late_fusion_weights(val: SplitEmbeddings, names: list[str]) -> tuple[float, ...]:
@@ -368,6 +370,6 @@ def score_external(cfg: ScoreConfig, index: SplitIndex) -> dict:
         def block(part: Part) -> tuple[torch.Tensor, torch.Tensor]:
             return late_fusion_similarities([part_of(s, part) for s in sims], weights)
 
-        scorer.add("late-fusion", *ranks_of(*block(Part()), t2i), Scores(every, block))
+        scorer.add_computed("late-fusion", Scores(every, block))
         scorer.notes["late_fusion_weights"] = "equal (no val matrices to tune on)"
     return scorer.result(cfg.dataset, cfg.split, "")

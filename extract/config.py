@@ -7,7 +7,7 @@ from data.backbone_spec import store_name
 from data.datasets import SPLITS
 from data.device import PRECISIONS
 from data.options import opt
-from data.records import ReadOptions, parse_holdout
+from data.records import ReadOptions
 from data.tables import CAPTION_COLUMNS, IMAGE_COLUMNS
 from data.webdataset import IMAGE_EXTENSIONS
 
@@ -97,7 +97,7 @@ class ExtractConfig:
 
     def reading(self) -> ReadOptions:
         """How the dataset reader reads a captions table or webdataset shards."""
-        return ReadOptions(self.image_column, self.caption_column, parse_holdout(self.holdout), self.skip_bad)
+        return ReadOptions.from_config(self.to_dict())
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -11,7 +11,6 @@ from data.datasets import load_split, load_splits, resolve
 from data.device import pick_device
 from data.discover import dataset_in_data_root
 from data.errors import PipelineError
-from data.image_source import FolderImages
 from data.index import SplitIndex, store_index
 from data.progress import Progress
 from data.store import FeatureStore, read_shard_attrs, sample_bytes, shard_is_complete
@@ -211,7 +210,7 @@ def run_extract(cfg: ExtractConfig, index: SplitIndex | None = None) -> dict:
     spec = resolve(cfg.dataset, cfg.data_root, cfg.annotations, cfg.images, cfg.webdataset, cfg.reading())
     check_image_root(spec, cfg)
     index = index if index is not None else load_split(spec, cfg.split, cfg.captions_per_image)
-    images = index.source or FolderImages(spec.image_root)
+    images = index.source
     log.info("split %s (index version %s)", index.describe(), index.version)
     backbone = load(cfg.backbone, cfg.backbone_options(), pick_device(cfg.device))  # weights first: fails fast
     check_backbone_options(cfg, backbone)

@@ -82,7 +82,7 @@ def store_dims(stores: list[FeatureStore]) -> dict[str, list[int]]:
             "text_tokens": [w for w, _ in text], "text_embeds": [e for _, e in text]}
 
 
-def _packed(data: ShardData, rows: np.ndarray | None = None) -> PackedFeatures:
+def packed_rows(data: ShardData, rows: np.ndarray | None = None) -> PackedFeatures:
     """PackedFeatures from store rows (optionally a subset, in the given order); embeds are the raw projections."""
     if rows is not None and not np.array_equal(rows, np.arange(len(data))):
         counts = np.diff(data.offsets)[rows]
@@ -112,8 +112,8 @@ def load_split_features(index: SplitIndex, stores: list[FeatureStore], id_range:
     texts = [s.load("texts", id_range=(int(caption_off[a]), int(caption_off[b]))) for s in stores]
     return SplitFeatures(
         index=index,
-        images=[_packed(d, np.searchsorted(k, common)) for d, k in zip(images, keys)],
-        texts=[_packed(d) for d in texts],
+        images=[packed_rows(d, np.searchsorted(k, common)) for d, k in zip(images, keys)],
+        texts=[packed_rows(d) for d in texts],
         image_ids=torch.from_numpy(common // 1024), image_views=torch.from_numpy(common % 1024), views=n_views)
 
 
@@ -139,7 +139,7 @@ def load_rows(stores: list[FeatureStore], kind: str, id_range: tuple[int, int]) 
     ids = data[0].ids
     for d in data[1:]:
         ids = np.intersect1d(ids, d.ids)
-    return ids, [_packed(d, np.searchsorted(d.ids, ids)) for d in data]
+    return ids, [packed_rows(d, np.searchsorted(d.ids, ids)) for d in data]
 
 
 def bytes_per_row(stores: list[FeatureStore], kind: str) -> float:

@@ -26,8 +26,15 @@ def eval_batch_size(cfg: FuseConfig) -> int:
     return max(1, cfg.batch_size // 2) if cfg.model.reference_bug else 512
 
 
+def fused_weight(model: HadaModel) -> float | None:
+    """The weighted stage's w, which fused embeddings are mixed with (``mix_embeddings``); None otherwise."""
+    return float(model.mixing_weight()) if model.cfg.weighted else None
+
+
 @torch.no_grad()
-def _encode(encoder, features, rows: torch.Tensor, device, batch: int, w: float | None) -> torch.Tensor:
+def encode_rows(encoder, features, rows: torch.Tensor, device, batch: int, w: float | None) -> torch.Tensor:
+    """Fused embeddings of ``rows`` of ``features`` (one side's PackedFeatures per backbone), ``batch`` at a time,
+    float32 on the CPU; mixed with the first backbone's when ``w`` (:func:`fused_weight`) is not None."""
     out = []
     for k in range(0, len(rows), batch):
         blocks = gather_batch(features, rows[k:k + batch], device)
@@ -46,11 +53,11 @@ def encode_split(model: HadaModel, features: SplitFeatures, device, batch: int =
     """
     was_training = model.training
     model.eval()
-    w = float(model.mixing_weight()) if model.cfg.weighted else None
+    w = fused_weight(model)
     try:
         rows = features.clean_rows()
-        images = _encode(model.image_encoder, features.images, rows, device, batch, w)
-        texts = _encode(model.text_encoder, features.texts, torch.arange(len(features.texts[0])), device, batch, w)
+        images = encode_rows(model.image_encoder, features.images, rows, device, batch, w)
+        texts = encode_rows(model.text_encoder, features.texts, torch.arange(len(features.texts[0])), device, batch, w)
     finally:
         model.train(was_training)
     return features.image_ids[rows].numpy(), images, texts
@@ -79,7 +86,7 @@ def encode_stores(model: HadaModel, index, stores: list[FeatureStore], device, b
     its batch, the blocks hold whole encoding batches, so the batches are those of a single pass."""
     was_training = model.training
     model.eval()
-    w = float(model.mixing_weight()) if model.cfg.weighted else None
+    w = fused_weight(model)
     out = {}
     try:
         for kind, encoder, ids in (("images", model.image_encoder, present),
@@ -93,7 +100,7 @@ def encode_stores(model: HadaModel, index, stores: list[FeatureStore], device, b
             got_ids, embs = [], []
             for block in blocks:
                 block_ids, features = load_rows(stores, kind, block)
-                embs.append(_encode(encoder, features, torch.arange(len(block_ids)), device, batch, w))
+                embs.append(encode_rows(encoder, features, torch.arange(len(block_ids)), device, batch, w))
                 got_ids.append(block_ids)
             out[kind] = (np.concatenate(got_ids) if got_ids else np.zeros(0, np.int64),
                          torch.cat(embs) if embs else torch.zeros(0, model.cfg.embed_dim))

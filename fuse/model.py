@@ -349,3 +349,10 @@ def build_model(dims: dict, cfg: FuseConfig) -> HadaModel:
     """The model for a run's feature dims (``{"image_tokens", "image_embeds", "text_tokens", "text_embeds"}``)."""
     return HadaModel(dims["image_tokens"], dims["image_embeds"], dims["text_tokens"], dims["text_embeds"], cfg.model,
                      cfg.attention)
+
+
+def model_from_checkpoint(state: dict, cfg: FuseConfig, device) -> HadaModel:
+    """The model of a checkpoint's state (``fuse.checkpoint.load``), built for ``cfg`` on ``device``, in eval mode."""
+    model = build_model(state["dims"], cfg).to(device)
+    model.load_state_dict(state["model"])
+    return model.eval()

@@ -15,7 +15,7 @@ from fuse import checkpoint
 from fuse.config import FuseConfig
 from fuse.data import memory_budget_gb, open_stores, present_images
 from fuse.encode import encode_stores, eval_batch_size, store_fused
-from fuse.model import build_model, learned_scalars
+from fuse.model import learned_scalars, model_from_checkpoint
 from fuse.provenance import LABEL
 from fuse.train import train
 
@@ -89,8 +89,7 @@ def encode_run(run_dir: Path, split: str, cache: str | None = None, device: str 
             return fused.root
         state = checkpoint.load(best)
         dev = pick_device(device)
-        model = build_model(state["dims"], cfg).to(dev)
-        model.load_state_dict(state["model"])
+        model = model_from_checkpoint(state, cfg, dev)
         present = present_images(stores, len(index.images))
         ids, images, texts = encode_stores(model, index, stores, dev, eval_batch_size(cfg),
                                            memory_budget_gb(memory_gb), present)

@@ -11,16 +11,16 @@ import torch
 
 from data.errors import PipelineError
 from data.store import FeatureStore, ShardData, describe_difference
-from evaluate.weighted import mix_embeddings
 from extract.backbones import Backbone, load
 from extract.config import ExtractConfig
 from extract.mapper import map_images, map_texts
 from extract.reader import ImageRows, image_batches
 from extract.run import VERSION_KEYS
 from fuse import checkpoint
-from fuse.batch import PackedFeatures, gather_batch
 from fuse.config import FuseConfig
-from fuse.model import HadaModel, build_model
+from fuse.data import packed_rows
+from fuse.encode import encode_rows, fused_weight
+from fuse.model import HadaModel, model_from_checkpoint
 
 log = logging.getLogger("pipeline.search")
 
@@ -70,23 +70,15 @@ def load_fused(run_dir: Path, device: torch.device) -> HadaModel:
     """The run's best checkpoint as an eval-mode model."""
     saved = checkpoint.read_config(run_dir)
     state = checkpoint.load(run_dir / "best.pt", f"run {run_dir.name!r}")
-    model = build_model(state["dims"], FuseConfig.from_dict(saved["config"])).to(device)
-    model.load_state_dict(state["model"])
-    return model.eval()
+    return model_from_checkpoint(state, FuseConfig.from_dict(saved["config"]), device)
 
 
-@torch.no_grad()
 def fuse_query(model: HadaModel, side: str, rows: list[ShardData], device: torch.device) -> np.ndarray:
     """The fused embedding of one sample (``side``: images or texts) from each backbone's row, in the run's
-    backbone order; mixed with the first backbone's in the weighted stage, as the cached embeddings are."""
-    features = [PackedFeatures(torch.from_numpy(d.tokens), torch.from_numpy(d.offsets),
-                               torch.from_numpy(d.raw_embeds.astype(np.float32))) for d in rows]
-    blocks = gather_batch(features, torch.arange(1), device)
+    backbone order, encoded as the cached embeddings are (``fuse.encode.encode_rows``)."""
     encoder = model.image_encoder if side == "images" else model.text_encoder
-    emb = encoder(blocks).float()
-    if model.cfg.weighted:
-        emb = mix_embeddings(emb, blocks[0].embeds, float(model.mixing_weight()))
-    return emb[0].cpu().numpy()
+    return encode_rows(encoder, [packed_rows(d) for d in rows], torch.arange(1), device, 1,
+                       fused_weight(model))[0].numpy()
 
 
 def embed_query(run_dir: Path, stores: list[FeatureStore], text: str | None, image: str | None,
