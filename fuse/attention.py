@@ -68,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fuse import compiled
+from fuse import compiled, native
 from fuse.compiled import IMPLS, set_default_impl  # noqa: F401  (this module's impl switch, re-exported)
 
 
@@ -165,9 +165,16 @@ def _fused_grad_dst(x_l: Tensor, row: Tensor, x_r: Tensor, e: Tensor, w: Tensor,
     pe_sum = _per_target(lambda k: (p[k] * e[:, k, :, None, None]).sum(1), t).sum((0, 1))
     pz_sum = _per_target(lambda k: (p[k] * z[k]).sum(1), t).sum((0, 1))
     gx_sum = (g.sum(1).unsqueeze(-1) * xs).sum(1).sum(0)  # sum_{n, s} (sum_t g) x_l: z's x_l part
+    return _grad_dst_from_sums(p_sum, pe_sum, pz_sum, gx_sum, x_r, e, w, att, g, slope)
+
+
+def _grad_dst_from_sums(p_sum: Tensor, pe_sum: Tensor, pz_sum: Tensor, gx_sum: Tensor, x_r: Tensor, e: Tensor,
+                        w: Tensor, att: Tensor, g: Tensor, slope: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(d x_r, d w, d att) from the sums over s of the relu part (p = [z > 0] g: p_sum (N, T, H, C), pe_sum,
+    pz_sum and gx_sum = sum (sum_t g) x_l (H, C)) and the linear part's sums of g."""
     q, g_dst = 1.0 - slope, g.sum(2).unsqueeze(-1)  # (N, T, H, 1)
     ge = (g * e.unsqueeze(-1)).sum((0, 1, 2)).unsqueeze(-1)  # (H, 1)
-    gz_sum = gx_sum + (g_dst * x_r.to(ct)).sum((0, 1)) + ge * w  # sum of g * z
+    gz_sum = gx_sum + (g_dst * x_r.to(att.dtype)).sum((0, 1)) + ge * w  # sum of g * z
     return (q * p_sum + slope * g_dst) * att, (q * pe_sum + slope * ge) * att, q * pz_sum + slope * gz_sum
 
 
@@ -305,8 +312,8 @@ class _Kernels:
     (the eager fallback's only full-size copies), and the gradient gathered back to rows.
     """
 
-    def __init__(self, impl: str, chunk: int, src: Sources, padded: bool):
-        self.impl, self.chunk, self.src, self.padded = impl, chunk, src, padded
+    def __init__(self, impl: str, chunk: int, src: Sources, padded: bool, native: bool = False):
+        self.impl, self.chunk, self.src, self.padded, self.native = impl, chunk, src, padded, native
         self._gathered: Optional[tuple[Tensor, Tensor]] = None
 
     def _try_compiled(self, name, fn, *args):
@@ -365,28 +372,40 @@ class _StarAttention(torch.autograd.Function):
     def forward(ctx, x_l, x_r, e, w, att, slope, p, training, kernels):
         ctx.set_materialize_grads(False)
         with torch.autocast(x_l.device.type, enabled=False):  # dtypes are chosen here
-            scores = kernels.scores(x_l, x_r, e, w, att, slope)  # (N, T, S, H)
-            scores.masked_fill_(~kernels.src.mask[:, None, :, None], float("-inf"))
-            alpha = torch.softmax(scores, dim=2)
             noise = None
             if training and p > 0:
                 # Inverted dropout as F.dropout draws it (same mask for the same RNG state on CPU).
-                noise = (torch.zeros_like(alpha) if p >= 1
-                         else torch.empty_like(alpha).bernoulli_(1 - p).div_(1 - p))
-            alpha_d = alpha if noise is None else alpha * noise
-            out = kernels.messages(alpha_d, x_l)  # (N, T, H, C)
-            kernels.release()
-        ctx.save_for_backward(x_l, x_r, e, w, att, alpha, alpha_d, noise)
+                noise = torch.empty(*e.shape, att.size(0), dtype=att.dtype, device=att.device)
+                noise = noise.zero_() if p >= 1 else noise.bernoulli_(1 - p).div_(1 - p)
+            if kernels.native:
+                src = kernels.src
+                alpha, alpha_d, out = native.forward(x_l, src.row, src.mask, x_r, e, w, att, slope, noise)
+            else:
+                scores = kernels.scores(x_l, x_r, e, w, att, slope)  # (N, T, S, H)
+                scores.masked_fill_(~kernels.src.mask[:, None, :, None], float("-inf"))
+                alpha = torch.softmax(scores, dim=2)
+                alpha_d = alpha if noise is None else alpha * noise
+                out = kernels.messages(alpha_d, x_l)  # (N, T, H, C)
+                kernels.release()
+        # The C++ backward takes sum_s alpha * d alpha from the messages instead of a second read of x_l.
+        ctx.save_for_backward(x_l, x_r, e, w, att, alpha, alpha_d, noise, out if kernels.native else None)
         ctx.slope, ctx.kernels = slope, kernels
         return out, alpha_d.sum(2)
 
     @staticmethod
     def backward(ctx, g_out, g_sum):
-        x_l, x_r, e, w, att, alpha, alpha_d, noise = ctx.saved_tensors
+        x_l, x_r, e, w, att, alpha, alpha_d, noise, messages = ctx.saved_tensors
         if g_out is None:
             g_out = x_l.new_zeros(*alpha.shape, x_l.size(-1))
         with torch.autocast(x_l.device.type, enabled=False):
             g_out = g_out.contiguous()
+            kernels = ctx.kernels
+            if kernels.native and not ctx.needs_input_grad[2]:
+                src = kernels.src
+                gx_l, g, *sums = native.backward(x_l, src.row, src.mask, x_r, e, w, att, ctx.slope, alpha, alpha_d,
+                                                 noise, messages, g_out, g_sum, kernels.padded)
+                gx_r, gw, gatt = _grad_dst_from_sums(*sums, x_r, e, w, att, g, ctx.slope)
+                return gx_l, gx_r.to(x_r.dtype), None, gw.to(w.dtype), gatt.to(att.dtype), None, None, None, None
             g_alpha = ctx.kernels.grad_alpha(g_out, x_l, alpha.dtype)  # d loss / d alpha_d
             if g_sum is not None:
                 g_alpha += g_sum.unsqueeze(2)
@@ -493,7 +512,8 @@ def _star(conv, x_rows: Tensor, src: Sources, x_dst: Tensor, edge_attr: Optional
         w = att.new_zeros(hh, c)
         e = att.new_zeros(n, t, s)
     chunk = default_chunk_elems(x_l.device) if chunk_elems is None else int(chunk_elems)
-    kernels = _Kernels(impl, chunk, src._replace(mask=mask), padded)
+    use_native = not compiled.wants_eager(impl) and native.applies(x_l, x_r, ct)
+    kernels = _Kernels(impl, chunk, src._replace(mask=mask), padded, native=use_native)
     out, alpha_sum = _StarAttention.apply(x_l, x_r, e, w, att, float(conv.negative_slope), float(conv.dropout),
                                           conv.training, kernels)
     if b_l is not None:
