@@ -67,6 +67,12 @@ struct Args {
   int64_t N, S, H, C;
 };
 
+// The row after slot s of sample n (or s's own at the end), asked for ahead of use: the hardware prefetcher
+// alone left the first pass over each row waiting on memory.
+inline const float* next_row(const Args& a, int64_t n, int64_t s) {
+  return a.x_l + a.row[n * a.S + (s + 1 < a.S ? s + 1 : s)] * a.H * a.C;
+}
+
 // Scores, masked softmax over s, dropout and messages of sample n in one pass over its rows: an online
 // softmax (a running maximum and sum per target and head; the messages rescaled when the maximum grows),
 // each head's slice of a row scored and accumulated while it is in L1. alpha: the raw scores first, then
@@ -93,6 +99,7 @@ void forward_sample(const Args& a, int64_t n, const float* noise, float* alpha, 
       continue;
     }
     const float* x = x_l + a.row[n * S + s] * HC;
+    const float* ahead = next_row(a, n, s);
     for (int t = 0; t < T; ++t) {
       const float es = a.e[(n * T + t) * S + s];
       const float* xrt = xr + t * HC;
@@ -101,6 +108,7 @@ void forward_sample(const Args& a, int64_t n, const float* noise, float* alpha, 
         vf sum{};
         for_each(h * C, (h + 1) * C, [&](auto f, int64_t c) {
           using F = decltype(f);
+          if (t == 0) __builtin_prefetch(ahead + c);
           const F z = (load<F>(x + c) + load<F>(xrt + c)) + es * load<F>(w + c);
           add_to(sum, load<F>(att + c) * (z > 0.f ? z : slope * z));
         });
@@ -155,7 +163,7 @@ void backward_sample(const Args& a, int64_t n, const float* alpha, const float* 
   const float* __restrict x_l = a.x_l;
   const float* __restrict w = a.w;
   const float* __restrict att = a.att;
-  const float slope = a.slope;
+  const float slope = a.slope, q = 1.f - a.slope;
   const int64_t base = n * T * S * H;
   const float* al = alpha + base;
   const float* ad = alpha_d + base;
@@ -192,17 +200,19 @@ void backward_sample(const Args& a, int64_t n, const float* alpha, const float* 
     }
     const int64_t r = a.row[n * S + s];
     const float* x = x_l + r * HC;
+    const float* ahead = next_row(a, n, s);
     float* dx = dx_l + r * HC;
     float es[T];
     for (int t = 0; t < T; ++t) es[t] = a.e[(n * T + t) * S + s];
     for (int64_t h = 0; h < H; ++h) {
-      float gt[T], at[T], gsum = 0.f;
+      float gt[T], at[T], gsum = 0.f;  // per target: g, alpha_d; g summed over targets
       for (int t = 0; t < T; ++t) {
         const int64_t i = (t * S + s) * H + h;
         const float* got = go + t * HC;
         vf sum{};
         for_each(h * C, (h + 1) * C, [&](auto f, int64_t c) {
           using F = decltype(f);
+          if (t == 0) __builtin_prefetch(ahead + c);
           add_to(sum, load<F>(got + c) * load<F>(x + c));
         });
         float acc = sum_lanes(sum);
@@ -212,22 +222,25 @@ void backward_sample(const Args& a, int64_t n, const float* alpha, const float* 
         at[t] = ad[i];
         gsum += gt[t];
       }
+      const float slope_gsum = slope * gsum;
       for_each(h * C, (h + 1) * C, [&](auto f, int64_t c) {
         using F = decltype(f);
-        const F xv = load<F>(x + c), wc = load<F>(w + c), ac = load<F>(att + c);
-        F d = f, e_acc = f, z_acc = f;
+        const F xv = load<F>(x + c), wc = load<F>(w + c);
+        F msg = f, p_acc = f, e_acc = f, z_acc = f;
         for (int t = 0; t < T; ++t) {
           const F z = (xv + load<F>(xr + t * HC + c)) + es[t] * wc;
           const F p = z > 0.f ? gt[t] + f : f;  // [z > 0] g
           store(ps + t * HC + c, load<F>(ps + t * HC + c) + p);
+          p_acc += p;
           e_acc += p * es[t];
           z_acc += p * z;
-          d += ac * (z > 0.f ? gt[t] + f : slope * gt[t] + f) + at[t] * load<F>(go + t * HC + c);
+          msg += at[t] * load<F>(go + t * HC + c);
         }
         store(mpe + c, load<F>(mpe + c) + e_acc);
         store(mpz + c, load<F>(mpz + c) + z_acc);
         store(mgx + c, load<F>(mgx + c) + gsum * xv);
-        store(dx + c, d);
+        // leaky'(z) g = slope g + (1 - slope) [z > 0] g, summed over t
+        store(dx + c, load<F>(att + c) * (slope_gsum + q * p_acc) + msg);
       });
     }
   }
