@@ -11,7 +11,8 @@ Methods:
             backward: the dense matmuls the layer cannot avoid (padding rows included, as star_gatv2
             runs them; lin_l's bias is added inside the attention, not over its output)
   eager     star_gatv2(impl="eager")
-  compiled  star_gatv2(impl="compiled") (compile time reported separately)
+  compiled  star_gatv2(impl="compiled") with the torch.compile'd passes (compile time reported separately)
+  native    star_gatv2(impl="compiled") with its C++ loops (fuse.native; CPU float32 only)
   pyg       GATv2Conv.forward on the equivalent bipartite edge list (built outside the timing)
 
 Timings run in one process, the methods interleaved repeat by repeat, so that a change of load
@@ -56,7 +57,7 @@ CASES = {  # name: (batch, kind)
     "image40": (40, "image"), "image128": (128, "image"),
     "caption40": (40, "caption"), "caption128": (128, "caption"),
 }
-METHODS = ("floor", "eager", "compiled", "pyg")
+METHODS = ("floor", "eager", "compiled", "native", "pyg")
 
 
 def make_inputs(batch: int, kind: str, device: torch.device, seed: int = 0):
@@ -125,7 +126,11 @@ class Runner:
                 self._pyg_graph = edge_list(self.mask, self.edge_attr)
             n, s, f = x_src.shape
             return (conv((x_src.view(n * s, f), x_dst.view(-1, f)), *self._pyg_graph),)
-        return (star_gatv2(conv, x_src, self.mask, x_dst, self.edge_attr, impl=method),)
+        from fuse import native
+
+        native.set_enabled(method == "native")  # the other methods time their own passes
+        impl = "compiled" if method == "native" else method
+        return (star_gatv2(conv, x_src, self.mask, x_dst, self.edge_attr, impl=impl),)
 
     def step(self, method: str, backward: bool) -> None:
         if not backward:
@@ -205,6 +210,8 @@ def main() -> None:
     results = []
     print(f"{'case':<11} {'method':<9} {'fwd s':>7} {'fwd+bwd s':>9} {'/floor':>7} {'peak GiB':>8}"
           f" {'warm-up s':>9}")
+    if device.type != "cpu" and "native" in args.methods:
+        args.methods.remove("native")  # the C++ loops are CPU-only: "native" would time the compiled passes
     for case in args.cases:
         methods = [m for m in args.methods if m != "pyg" or pyg_gib(case) <= args.pyg_max_gib]
         for m in set(args.methods) - set(methods):

@@ -57,6 +57,7 @@ from bench.memory import reset_peak_rss, rss_gib  # noqa: E402
 from bench.operators import print_operators, top_operators  # noqa: E402
 from data.device import autocast, pick_device  # noqa: E402
 from data.options import from_options  # noqa: E402
+from fuse import native  # noqa: E402
 from fuse.batch import PackedFeatures, gather_batch  # noqa: E402
 from fuse.config import ATTENTION, FuseConfig  # noqa: E402
 from fuse.data import SplitFeatures, place  # noqa: E402
@@ -272,6 +273,8 @@ def main() -> None:
         bb["ratio_recomputed_to_cached"] = bb["recomputed_epoch_seconds"] / result["step"]["epoch_seconds_full_size"]
         result["recomputed_backbones"] = bb
     info.update(loadavg_end=[round(x, 2) for x in os.getloadavg()], threads=torch.get_num_threads())
+    # Which attention loops ran: the C++ ones (CPU float32) or the torch.compile'd passes.
+    setup["attention_loops"] = "c++" if native.in_use() else "compiled"
 
     print(" ".join(f"{k}={v}" for k, v in {**info, **setup}.items()))
     s = result["step"]

@@ -55,6 +55,11 @@ Two implementations of those passes:
   for it (the old layout, one F-wide copy each way). Should compiling fail
   inside a call, that call's eager passes gather ``x_l`` into the padded layout.
 
+On CPU in float32, ``compiled`` (and ``auto``) runs the passes as two C++ loops
+instead (:mod:`fuse.native`): a forward with an online softmax and a backward that
+reads ``x_l`` once, each streaming the rows in the order ``lin_l`` wrote them. A
+backward that must return the edge attribute's gradient uses the compiled passes.
+
 ``impl="auto"`` (the default) uses ``compiled`` and falls back to ``eager``,
 with a warning, for the rest of the process if compiling fails (``fuse.compiled``,
 shared with the ITC loss). The default can be changed with :func:`set_default_impl`

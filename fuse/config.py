@@ -15,7 +15,8 @@ from data.options import flag, opt
 
 # --attention: how the one graph layer is computed (the same numbers to float tolerance). The dense kinds run
 # fuse.attention.star_gatv2 with this implementation of its fused passes (None: its default, torch.compile'd
-# with an eager fallback, or what FUSE_ATTENTION_IMPL says).
+# with an eager fallback, or what FUSE_ATTENTION_IMPL says; on CPU in float32 the compiled kinds run the
+# C++ loops of fuse/native.py instead where they build).
 ATTENTION = {"dense": None, "dense-eager": "eager", "dense-compiled": "compiled", "pyg": None}
 
 
@@ -100,7 +101,8 @@ class FuseConfig:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     attention: str = opt("dense", "how the graph layer is computed, the same model each way: dense (per-sample dense "
                                   "attention from the GATv2 parameters, torch.compile'd: the first run compiles for "
-                                  "about a minute; eager if compiling fails), dense-eager, dense-compiled, or pyg "
+                                  "about a minute; on CPU in float32 hand-written C++ loops, built in a second; "
+                                  "eager if compiling fails), dense-eager, dense-compiled, or pyg "
                                   "(GATv2Conv.forward on the edge list, per-edge tensors); the contrastive loss is "
                                   "compiled too, except with dense-eager", choices=tuple(ATTENTION))
     precision: str = opt("fp32", "deviation: bf16 runs the GPU matmuls under bfloat16 autocast (similarities and "

@@ -53,6 +53,11 @@ def applies(x_l: Tensor, x_r: Tensor, compute_dtype: torch.dtype) -> bool:
             and 1 <= x_r.size(1) <= MAX_TARGETS and _library() is not None)
 
 
+def in_use() -> bool:
+    """Whether the C++ loops have been built and are enabled (they then run wherever :func:`applies`)."""
+    return _enabled and _lib is not None
+
+
 def cache_dir() -> Path:
     """Where built libraries are kept: ``$FUSE_KERNEL_CACHE``, else a private per-user temporary folder."""
     configured = os.environ.get("FUSE_KERNEL_CACHE")

@@ -7,6 +7,7 @@ from torch_geometric.nn import GATv2Conv
 
 import fuse.attention as attention
 import fuse.compiled as compiled
+import fuse.native as native
 from fuse.attention import Sources, star_gatv2, star_gatv2_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -273,9 +274,18 @@ def test_fused_expressions_match_pyg(monkeypatch, n, s, t, heads):
     assert_matches(outputs_and_grads(pyg_reference, *case), got, rtol=1e-10, atol=1e-12)
 
 
+@pytest.fixture
+def without_native():
+    """The torch.compile'd passes themselves: on CPU float32 the C++ loops would run instead
+    (tests/test_fuse_native.py tests those)."""
+    native.set_enabled(False)
+    yield
+    native.set_enabled(True)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_compiled_matches_pyg(dtype):
+def test_compiled_matches_pyg(dtype, without_native):
     """The torch.compile'd fused passes (dynamic shapes: one compile serves every case)."""
     tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
     for n, s, t, heads in SHAPES:
@@ -327,7 +337,7 @@ def test_rows_argument_checks():
 
 
 @pytest.mark.slow
-def test_compiled_rows_match_pyg_and_store_nothing_edge_sized():
+def test_compiled_rows_match_pyg_and_store_nothing_edge_sized(without_native):
     """The compiled passes on shuffled rows: PyG's outputs and gradients, and no allocation during forward and
     backward larger than x_l (a stored z, (N, T, S, H, C), would be T times larger)."""
     from torch.profiler import profile

@@ -145,3 +145,17 @@ def test_failed_build_falls_back_to_the_compiled_passes(monkeypatch, tmp_path):
     assert_matches((ref[0], without_edge_grad(ref[1])), (got[0], without_edge_grad(got[1])), **TOL)
     assert isinstance(native.error, RuntimeError) and "failed" in str(native.error)
     assert list(tmp_path.iterdir()) == []  # the failed build's temporary is gone
+
+
+def test_keeps_no_edge_sized_tensor_for_backward(calls):
+    """Saved for backward: x_l, x_r and (N, T, S, H)-sized tensors (and the (N, T, H, C) messages), never an
+    (N, T, S, H, C) one."""
+    n, s, t, heads, c = 4, 40, 2, 4, 32
+    conv, x_src, mask, x_dst, edge_attr = make_case(n, s, t, heads, channels=c, ragged=False, dtype=torch.float32)
+    x_src.requires_grad_(True)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: sizes.append(x.numel()) or x, lambda x: x):
+        compiled_padded(conv, x_src, mask, x_dst, edge_attr)
+    assert calls["forward"] == 1
+    assert max(sizes) == n * s * heads * c  # x_l
+    assert sum(sizes) < n * t * s * heads * c
