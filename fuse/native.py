@@ -2,8 +2,8 @@
 
 On CPU in float32 the compiled attention runs one C++ pass forward (scores, softmax, dropout, messages) and
 one backward (the attention's gradient, softmax backward, ``d x_l`` and the sums behind ``d x_r``, ``d w``
-and ``d att``) instead of inductor's seven loop nests: per sample, row after row, so ``x_l`` streams in the
-order ``lin_l`` wrote it (see the source's header for why inductor's loops could not).
+and ``d att``) instead of the five torch.compile'd passes: per sample, row after row, so ``x_l`` streams
+in the order ``lin_l`` wrote it (see the source's header for why inductor's loops could not).
 
 The source is compiled on first use with the C++ compiler inductor uses (``$CXX``, else ``g++``), OpenMP and
 the vector instructions torch detected on this CPU, in about a second, into a per-user cache folder
