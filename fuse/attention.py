@@ -425,6 +425,17 @@ class _StarAttention(torch.autograd.Function):
                 gw.to(w.dtype), gatt.to(att.dtype), None, None, None, None)
 
 
+def implementation(impl: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
+    """What the passes run as for ``dtype`` features on ``device`` under ``impl``, in words (for the logs);
+    builds the C++ loops if they apply."""
+    if compiled.wants_eager(impl):
+        return "eager PyTorch passes"
+    if device.type == "cpu" and dtype == torch.float32 and native.applies(
+            torch.empty(0, 1, 1), torch.empty(0, 1, 1, 1), torch.float32):
+        return "C++ loops (fuse/star_attention.cpp)"
+    return "torch.compile'd passes"
+
+
 def star_gatv2(conv, x_src: Tensor, src_mask: Tensor, x_dst: Tensor, edge_attr: Optional[Tensor],
                *, impl: Optional[str] = None, chunk_elems: Optional[int] = None) -> Tensor:
     """PyG ``GATv2Conv`` on per-sample dense bipartite graphs ("stars").

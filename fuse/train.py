@@ -21,8 +21,9 @@ from data.errors import PipelineError
 from data.progress import Progress
 from data.store import common_settings, refuse_other_settings
 from fuse import checkpoint
+from fuse.attention import implementation
 from fuse.batch import gather_batch
-from fuse.config import FuseConfig
+from fuse.config import ATTENTION, FuseConfig
 from fuse.data import (
     SplitFeatures,
     load_split_features,
@@ -197,6 +198,11 @@ def train(cfg: FuseConfig, given: frozenset[str] | None = None) -> dict:
         trainer = Trainer(cfg, build_model(dims, cfg), device)
     except ValueError as e:
         raise PipelineError(str(e)) from None
+    if cfg.attention == "pyg":
+        log.info("attention: PyG's GATv2Conv on the edge list")
+    else:
+        dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16  # of x_l, under autocast
+        log.info("attention: %s", implementation(ATTENTION[cfg.attention], device, dtype))
     history, best, best_epoch, bad_epochs = [], None, 0, 0
     if resumed:
         trainer.restore(resumed)

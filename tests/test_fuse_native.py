@@ -159,3 +159,20 @@ def test_keeps_no_edge_sized_tensor_for_backward(calls):
     assert calls["forward"] == 1
     assert max(sizes) == n * s * heads * c  # x_l
     assert sum(sizes) < n * t * s * heads * c
+
+
+def test_the_logs_name_the_implementation():
+    from fuse.attention import implementation
+
+    cpu = torch.device("cpu")
+    native.set_enabled(True)
+    assert implementation("compiled", cpu, torch.float32).startswith("C++ loops")
+    assert implementation("compiled", cpu, torch.bfloat16) == "torch.compile'd passes"
+    assert implementation("eager", cpu, torch.float32) == "eager PyTorch passes"
+    native.set_enabled(False)
+    try:
+        assert implementation(None if compiled.wants_eager(None) else "auto", cpu, torch.float32) in (
+            "torch.compile'd passes", "eager PyTorch passes")
+        assert implementation("compiled", cpu, torch.float32) == "torch.compile'd passes"
+    finally:
+        native.set_enabled(True)
