@@ -146,7 +146,7 @@ def forward(x_l: Tensor, row: Tensor, mask: Tensor, x_r: Tensor, e: Tensor, w: T
     alpha = torch.empty(*e.shape, att.size(0), dtype=torch.float32)
     alpha_d = alpha if noise is None else torch.empty_like(alpha)
     noise = None if noise is None else noise.contiguous()
-    out = torch.empty_like(x_r)
+    out = torch.empty_like(x_r, memory_format=torch.contiguous_format)  # the loops write every output densely
     with torch.profiler.record_function("fuse.attention.native_forward"):
         rc = _library().star_forward(*head, _ptr(noise), _ptr(alpha), _ptr(alpha_d), _ptr(out),
                                      torch.get_num_threads())
@@ -165,9 +165,10 @@ def backward(x_l: Tensor, row: Tensor, mask: Tensor, x_r: Tensor, e: Tensor, w: 
     the rows are the slots themselves and padding rows get zero gradient."""
     kept, head = _head(x_l, row, mask, x_r, e, w, att, slope)
     extra = [t if t is None else t.contiguous() for t in (alpha, alpha_d, noise, messages, g_out, g_sum)]
-    dx_l, g = torch.empty_like(kept[0]), torch.empty_like(alpha)
-    p_sum = torch.empty_like(x_r)
-    pe, pz, gx = (torch.empty_like(att) for _ in range(3))
+    dense = torch.contiguous_format  # the loops write every output densely
+    dx_l, g = torch.empty_like(kept[0], memory_format=dense), torch.empty_like(alpha, memory_format=dense)
+    p_sum = torch.empty_like(x_r, memory_format=dense)
+    pe, pz, gx = (torch.empty_like(att, memory_format=dense) for _ in range(3))
     with torch.profiler.record_function("fuse.attention.native_backward"):
         rc = _library().star_backward(*head, *map(_ptr, extra), int(padded), *map(_ptr, (dx_l, g, p_sum, pe, pz, gx)),
                                       torch.get_num_threads())
