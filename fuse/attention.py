@@ -404,23 +404,22 @@ class _StarAttention(torch.autograd.Function):
             g_out = x_l.new_zeros(*alpha.shape, x_l.size(-1))
         with torch.autocast(x_l.device.type, enabled=False):
             g_out = g_out.contiguous()
-            kernels = ctx.kernels
-            if kernels.native and not ctx.needs_input_grad[2]:
+            kernels, need_edge = ctx.kernels, ctx.needs_input_grad[2]
+            if kernels.native and not need_edge:  # the C++ loops have no d e
                 src = kernels.src
                 gx_l, g, *sums = native.backward(x_l, src.row, src.mask, x_r, e, w, att, ctx.slope, alpha, alpha_d,
                                                  noise, messages, g_out, g_sum, kernels.padded)
-                gx_r, gw, gatt = _grad_dst_from_sums(*sums, x_r, e, w, att, g, ctx.slope)
-                return gx_l, gx_r.to(x_r.dtype), None, gw.to(w.dtype), gatt.to(att.dtype), None, None, None, None
-            g_alpha = ctx.kernels.grad_alpha(g_out, x_l, alpha.dtype)  # d loss / d alpha_d
-            if g_sum is not None:
-                g_alpha += g_sum.unsqueeze(2)
-            if noise is not None:
-                g_alpha.mul_(noise)
-            # Softmax backward over s; masked sources have alpha = 0 and get g = 0.
-            g = alpha * (g_alpha - (alpha * g_alpha).sum(2, keepdim=True))
-            gx_l, gx_r, gw, gatt, ge = ctx.kernels.grads(
-                x_l, x_r, e, w, att, g, alpha_d, g_out, ctx.slope, ctx.needs_input_grad[2])
-            ctx.kernels.release()
+                (gx_r, gw, gatt), ge = _grad_dst_from_sums(*sums, x_r, e, w, att, g, ctx.slope), None
+            else:
+                g_alpha = kernels.grad_alpha(g_out, x_l, alpha.dtype)  # d loss / d alpha_d
+                if g_sum is not None:
+                    g_alpha += g_sum.unsqueeze(2)
+                if noise is not None:
+                    g_alpha.mul_(noise)
+                # Softmax backward over s; masked sources have alpha = 0 and get g = 0.
+                g = alpha * (g_alpha - (alpha * g_alpha).sum(2, keepdim=True))
+                gx_l, gx_r, gw, gatt, ge = kernels.grads(x_l, x_r, e, w, att, g, alpha_d, g_out, ctx.slope, need_edge)
+                kernels.release()
         return (gx_l, gx_r.to(x_r.dtype), None if ge is None else ge.to(e.dtype),
                 gw.to(w.dtype), gatt.to(att.dtype), None, None, None, None)
 
@@ -430,8 +429,7 @@ def implementation(impl: Optional[str], device: torch.device, dtype: torch.dtype
     builds the C++ loops if they apply."""
     if compiled.wants_eager(impl):
         return "eager PyTorch passes"
-    if device.type == "cpu" and dtype == torch.float32 and native.applies(
-            torch.empty(0, 1, 1), torch.empty(0, 1, 1, 1), torch.float32):
+    if native.ready(device, dtype):
         return "C++ loops (fuse/star_attention.cpp)"
     return "torch.compile'd passes"
 

@@ -47,10 +47,15 @@ def set_enabled(flag: bool) -> None:
     _enabled = bool(flag)
 
 
+def ready(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the C++ loops serve ``dtype`` features on ``device``: CPU float32, enabled, built (on first ask)."""
+    return _enabled and device.type == "cpu" and dtype == torch.float32 and _library() is not None
+
+
 def applies(x_l: Tensor, x_r: Tensor, compute_dtype: torch.dtype) -> bool:
-    """Whether the C++ loops run this call: CPU float32 throughout, 1 to 4 targets, enabled and built."""
-    return (_enabled and x_l.device.type == "cpu" and x_l.dtype == x_r.dtype == compute_dtype == torch.float32
-            and 1 <= x_r.size(1) <= MAX_TARGETS and _library() is not None)
+    """Whether the C++ loops run this call: :func:`ready` for x_l, float32 throughout, 1 to 4 targets."""
+    return (x_l.dtype == x_r.dtype == compute_dtype and 1 <= x_r.size(1) <= MAX_TARGETS
+            and ready(x_l.device, x_l.dtype))
 
 
 def in_use() -> bool:

@@ -119,3 +119,19 @@ def demo_run(demo_cache, tmp_path_factory) -> tuple[Path, Path, str]:
     run_cli("fuse", "--dataset", "demo", "--backbones", "blip-tiny,clip-tiny", "--cache", cache, "--runs", runs,
             "--epochs", 3, "--run", "r", *TINY_FUSE)
     return cache, runs, "r"
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Counts of fuse.native.forward / backward calls (the C++ attention loops), the real ones still run."""
+    from fuse import native
+
+    seen = {"forward": 0, "backward": 0}
+    for name in seen:
+        real = getattr(native, name)
+
+        def spy(*args, _real=real, _name=name):
+            seen[_name] += 1
+            return _real(*args)
+        monkeypatch.setattr(native, name, spy)
+    return seen

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import TINY_FUSE, run_cli
-from fuse import compiled, native
+from fuse import compiled
 from fuse.batch import PackedFeatures
 from fuse.config import ModelConfig
 from fuse.model import GraphEncoder, HadaModel
@@ -41,17 +41,6 @@ CASES = [  # (batch, rows per backbone, node widths, embed dims, reference bug)
     (4, [(6, 3), (1,)], [12, 12], [6, 9], True),
     (9, [(17,), (1,)], [12, 12], [6, 9], True),
 ]
-
-
-@pytest.fixture
-def native_calls(monkeypatch):
-    """Counts the C++ loops' calls (fuse.native): ``dense-compiled`` on CPU float32 must run them."""
-    seen = {"forward": 0, "backward": 0}
-    for name in seen:
-        real = getattr(native, name)
-        monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name: seen.__setitem__(
-            _name, seen[_name] + 1) or _real(*a))
-    return seen
 
 
 # dense: the eager passes here (conftest); dense-compiled: on CPU float32, the C++ loops

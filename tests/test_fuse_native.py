@@ -17,19 +17,11 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture
-def calls(monkeypatch):
-    """Counts of native.forward / native.backward calls; the library must build here."""
+def calls(native_calls):
+    """native_calls (conftest); the library must build here."""
     native.set_enabled(True)
     assert native._library() is not None, native.error
-    seen = {"forward": 0, "backward": 0}
-    for name in seen:
-        real = getattr(native, name)
-
-        def spy(*args, _real=real, _name=name):
-            seen[_name] += 1
-            return _real(*args)
-        monkeypatch.setattr(native, name, spy)
-    return seen
+    return native_calls
 
 
 def constant_edges(fn):
