@@ -5,7 +5,7 @@ bfloat16 activations under autocast.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,21 +38,29 @@ def itc_loss(sim_i2t: Tensor, sim_t2i: Tensor, targets: Tensor) -> Tensor:
     return 0.5 * (soft_cross_entropy(sim_i2t, targets) + soft_cross_entropy(sim_t2i, targets))
 
 
-def _itc_from_products(p_i2t: Tensor, p_t2i: Tensor, temp: Tensor, ids: Tensor, all_ids: Tensor,
-                       first_i2t: Optional[Tensor], first_t2i: Optional[Tensor], w: Optional[Tensor]) -> Tensor:
+Products = Union[Tensor, Sequence[Tensor]]  # (N, N + Q), or its column blocks (batch, then queue)
+
+
+def _columns(p: Products) -> Tensor:
+    return p if isinstance(p, Tensor) else torch.cat(list(p), dim=1)
+
+
+def _itc_from_products(p_i2t: Products, p_t2i: Products, temp: Tensor, ids: Tensor, all_ids: Tensor,
+                       first_i2t: Optional[Products], first_t2i: Optional[Products], w: Optional[Tensor]) -> Tensor:
     targets = id_targets(ids, all_ids)
-    sim_i2t, sim_t2i = p_i2t / temp, p_t2i / temp
+    sim_i2t, sim_t2i = _columns(p_i2t) / temp, _columns(p_t2i) / temp
     if w is not None:
-        sim_i2t, sim_t2i = mix_scores(sim_i2t, first_i2t / temp, w), mix_scores(sim_t2i, first_t2i / temp, w)
+        sim_i2t = mix_scores(sim_i2t, _columns(first_i2t) / temp, w)
+        sim_t2i = mix_scores(sim_t2i, _columns(first_t2i) / temp, w)
     return itc_loss(sim_i2t, sim_t2i, targets)
 
 
-def itc_loss_from_products(p_i2t: Tensor, p_t2i: Tensor, temp: Tensor, ids: Tensor, all_ids: Tensor,
-                           first: Optional[tuple[Tensor, Tensor]] = None, w: Optional[Tensor] = None,
+def itc_loss_from_products(p_i2t: Products, p_t2i: Products, temp: Tensor, ids: Tensor, all_ids: Tensor,
+                           first: Optional[tuple[Products, Products]] = None, w: Optional[Tensor] = None,
                            impl: Optional[str] = None) -> Tensor:
-    """:func:`itc_loss` of the products ``p`` (rows: the batch, columns: batch + queue) divided by ``temp``,
-    with :func:`id_targets` of ``ids`` against ``all_ids``; in the weighted stage the logits are
-    ``mix_scores(p / temp, first / temp, w)``.
+    """:func:`itc_loss` of the products ``p`` (rows: the batch, columns: batch + queue; or a sequence of column
+    blocks, joined inside the fused passes) divided by ``temp``, with :func:`id_targets` of ``ids`` against
+    ``all_ids``; in the weighted stage the logits are ``mix_scores(p / temp, first / temp, w)``.
 
     The same expressions, ``torch.compile``'d by default (``fuse.compiled``; ``impl`` as there): the eager
     version makes a dozen passes over (N, N + Q) tensors, each a fresh allocation, where the compiled one
@@ -63,6 +71,74 @@ def itc_loss_from_products(p_i2t: Tensor, p_t2i: Tensor, temp: Tensor, ids: Tens
     args = (p_i2t, p_t2i, temp, ids, all_ids, *(first or (None, None)), w)
     ok, loss = compiled.try_compiled(impl, "loss.itc", _itc_from_products, *args)
     return loss if ok else _itc_from_products(*args)
+
+
+class Side(NamedTuple):
+    """One side of the contrastive pairs: the online features (N, D) whose gradient the loss gives, the momentum
+    features (N, D) and the queue (D, Q) they are compared against (the *other* side's)."""
+
+    online: Tensor
+    keys: Tensor
+    queue: Tensor
+
+    def products(self, online: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        """(online @ keys.T, online @ queue): the batch's and the queue's columns, the queue read where it is."""
+        x = self.online if online is None else online
+        return x @ self.keys.t(), x @ self.queue
+
+    def grad(self, d_batch: Tensor, d_queue: Tensor) -> Tensor:
+        """The gradient of the online features from those of their products."""
+        return torch.addmm(d_batch @ self.keys, d_queue, self.queue.t())
+
+
+def itc_loss_against_queues(i2t: Side, t2i: Side, temp: Tensor, ids: Tensor, all_ids: Tensor,
+                            first: Optional[tuple[Side, Side]] = None, w: Optional[Tensor] = None,
+                            impl: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """HADA's ITC loss of the online image and caption features against the other side's momentum features
+    and queue (the weighted stage adds the first backbone's own, ``first``, mixed by ``w``): the
+    :func:`itc_loss_from_products` of those products. Also returns the in-batch products (N, N) of both
+    directions, detached (hard negatives are drawn from them).
+
+    Where a gradient is wanted the loss computes it at once, in its forward (the loss's own backward, then the
+    products' two matrix products), and keeps only the gradients for the backward: so nothing the loss
+    reads is saved, the queues are read where they are and not copied, and the caller may enqueue right after.
+    The loss is then not twice differentiable.
+    """
+    leaves = (i2t.online, t2i.online, temp) + ((w,) if w is not None else ())
+    if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):
+        loss, pb_i2t, pb_t2i = _ItcAgainstQueues.apply(i2t, t2i, ids, all_ids, first, impl, *leaves)
+    else:
+        with torch.no_grad():
+            (pb_i2t, pq_i2t), (pb_t2i, pq_t2i) = i2t.products(), t2i.products()
+            firsts = (first[0].products(), first[1].products()) if first is not None else None
+            loss = itc_loss_from_products((pb_i2t, pq_i2t), (pb_t2i, pq_t2i), temp, ids, all_ids, firsts, w, impl)
+    return loss, pb_i2t.detach(), pb_t2i.detach()
+
+
+class _ItcAgainstQueues(torch.autograd.Function):
+    """:func:`itc_loss_against_queues` with its gradient computed in the forward (see there)."""
+
+    @staticmethod
+    def forward(ctx, i2t, t2i, ids, all_ids, first, impl, img, txt, temp, w=None):
+        # The products as leaves of a small graph of their own: the loss's backward gives their gradients.
+        products = [p.requires_grad_() for side in (i2t, t2i) for p in side.products(side.online.detach())]
+        scalars = [temp.detach().requires_grad_()] + ([w.detach().requires_grad_()] if w is not None else [])
+        firsts = (first[0].products(), first[1].products()) if first is not None else None
+        with torch.enable_grad():
+            loss = itc_loss_from_products(products[:2], products[2:], scalars[0], ids, all_ids, firsts,
+                                          scalars[1] if w is not None else None, impl)
+            grads = torch.autograd.grad(loss, products + scalars)
+        d_img, d_txt = i2t.grad(*grads[:2]).to(img.dtype), t2i.grad(*grads[2:4]).to(txt.dtype)
+        ctx.save_for_backward(d_img, d_txt, *grads[4:])
+        pb_i2t, pb_t2i = products[0].detach(), products[2].detach()
+        ctx.mark_non_differentiable(pb_i2t, pb_t2i)
+        return loss.detach(), pb_i2t, pb_t2i
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_loss, _g_pb_i2t, _g_pb_t2i):
+        grads = [g * g_loss for g in ctx.saved_tensors]
+        return (None,) * 6 + tuple(grads)
 
 
 def sample_hard_negatives(logits: Tensor, same: Tensor) -> tuple[Tensor, Tensor]:

@@ -19,7 +19,7 @@ from fuse.attention import Sources, star_gatv2_rows
 from fuse.batch import NodeBlock
 from fuse.config import ATTENTION, FuseConfig, ModelConfig
 from fuse.graph import bipartite_graph, dense_graph
-from fuse.losses import itc_loss_from_products, itm_features, itm_loss, sample_hard_negatives
+from fuse.losses import Side, itc_loss_against_queues, itm_features, itm_loss, sample_hard_negatives
 
 # Image ids of the queue's initial random entries (never equal to a real id, so never a positive).
 EMPTY_ID = -100
@@ -201,7 +201,6 @@ class HadaModel(nn.Module):
         self.register_buffer("text_first_queue", torch.empty(first, q))
         self.register_buffer("idx_queue", torch.empty(q, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
-        self._scratch: dict[str, Tensor] = {}  # see _keys
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -263,7 +262,6 @@ class HadaModel(nn.Module):
         """Losses for a batch of positive pairs (row k of both sides is a pair)."""
         cfg = self.cfg
         ids = image_ids.to(self.idx_queue.device, torch.long).reshape(-1)
-        n = ids.numel()
         with torch.no_grad():
             # In place, as the reference: keeps the stored values in range too.
             self.temp.clamp_(cfg.temp_min, cfg.temp_max)
@@ -282,20 +280,18 @@ class HadaModel(nn.Module):
             same = ids.view(-1, 1) == ids.view(1, -1)
 
         with torch.autocast(img.device.type, enabled=False):  # similarities in float32
-            # The products alone; the loss divides by the temperature inside its fused passes.
-            p_i2t = img @ self._keys("i2t", txt_m, self.text_queue)
-            p_t2i = txt @ self._keys("t2i", img_m, self.image_queue)
+            # Each side against the other's momentum features and queue; the loss divides by the temperature.
+            i2t, t2i = Side(img, txt_m, self.text_queue), Side(txt, img_m, self.image_queue)
             first, w = None, None
             if cfg.weighted:
                 w = self.mixing_weight()
-                first = (img0 @ self._keys("first_i2t", txt0, self.text_first_queue),
-                         txt0 @ self._keys("first_t2i", img0, self.image_first_queue))
-            loss_itc = itc_loss_from_products(p_i2t, p_t2i, self.temp, ids, torch.cat([ids, self.idx_queue]),
-                                              first, w, impl=self.impl)
+                first = Side(img0, txt0, self.text_first_queue), Side(txt0, img0, self.image_first_queue)
+            loss_itc, pb_i2t, pb_t2i = itc_loss_against_queues(i2t, t2i, self.temp, ids,
+                                                               torch.cat([ids, self.idx_queue]), first, w, self.impl)
             # Hard negatives from the fused in-batch similarities: a caption per image, an image per caption.
             with torch.no_grad():
-                neg_txt, has_neg_txt = sample_hard_negatives(p_i2t[:, :n] / self.temp, same)
-                neg_img, has_neg_img = sample_hard_negatives(p_t2i[:, :n] / self.temp, same)
+                neg_txt, has_neg_txt = sample_hard_negatives(pb_i2t / self.temp, same)
+                neg_img, has_neg_img = sample_hard_negatives(pb_t2i / self.temp, same)
 
         # As the reference's itm_loss: the pairs (label 1), then (a hard negative image, each caption) and
         # (each image, a hard negative caption) (label 0).
@@ -306,18 +302,6 @@ class HadaModel(nn.Module):
         if self.training:
             self._enqueue(img_m, txt_m, img0, txt0, ids)
         return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm}
-
-    @torch.no_grad()
-    def _keys(self, name: str, batch: Tensor, queue: Tensor) -> Tensor:
-        """(D, N + Q): the batch's (momentum) features, then the queue's columns: what the similarities compare
-        against. Written into a buffer kept from step to step (a plain copy of the queue, never transposed):
-        on CPU a fresh tensor this large comes from the OS and costs page faults at every step. The product
-        saves it for backward; the next step's write bumps its version, so a stale graph fails loudly."""
-        shape = (queue.size(0), batch.size(0) + queue.size(1))
-        buf = self._scratch.get(name)
-        if buf is None or buf.shape != shape or buf.device != queue.device or buf.dtype != queue.dtype:
-            buf = self._scratch[name] = queue.new_empty(shape)
-        return torch.cat([batch.t().to(queue.dtype), queue], dim=1, out=buf)
 
     @torch.no_grad()
     def _enqueue(self, img_m: Tensor, txt_m: Tensor, img0: Tensor, txt0: Tensor, ids: Tensor) -> None:

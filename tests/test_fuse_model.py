@@ -1,15 +1,18 @@
 """fuse.model: losses, gradients, momentum, queues, temperature, weighting, determinism, training."""
+import copy
 import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import fuse.model
 from evaluate.weighted import mix_embeddings, mix_scores
 from fuse.batch import PackedFeatures
 from fuse.config import ModelConfig
 from fuse.losses import id_targets, sample_hard_negatives
 from fuse.model import GraphEncoder, HadaModel
+from tests.itc_oracle import plain_itc_against_queues
 
 TOK, EMB = [12, 10], [8, 6]
 CFG = ModelConfig(width=16, heads=2, embed_dim=8, queue_size=10, dropout=0.1)
@@ -273,20 +276,26 @@ def test_every_backbones_token_nodes_reach_the_output(backbone):
     torch.testing.assert_close(before[~has_tokens], after[~has_tokens])
 
 
-def test_similarity_keys_reuse_one_buffer_and_a_stale_graph_fails():
-    """The (D, N + Q) keys of the ITC similarities are written into the same memory every step: the batch's
-    momentum features, then the queue as it was before this step's enqueue."""
+def test_itc_compares_against_the_queue_before_this_steps_enqueue(monkeypatch):
+    """The ITC loss reads the queues where they are (no copy) and gives its gradients from the queue as it was
+    before this step's enqueue, however the queues change before the backward."""
     torch.manual_seed(0)
     m = model().train()
     ids = torch.tensor([0, 1, 2, 3])
     m(blocks(4, 1), blocks(4, 2), ids)["loss"].backward()
-    queue = m.text_queue.clone()
-    first = m._scratch["i2t"].data_ptr()
+    state = copy.deepcopy(m.state_dict())
+    m.zero_grad()
+    torch.manual_seed(1)
     out = m(blocks(4, 3), blocks(4, 4), ids)
-    keys = m._scratch["i2t"]
-    assert keys.data_ptr() == first and keys.shape == (CFG.embed_dim, 4 + CFG.queue_size)
-    torch.testing.assert_close(keys[:, 4:], queue, rtol=0, atol=0)
-    assert not torch.equal(m.text_queue, queue)  # this step enqueued after computing its similarities
-    m(blocks(4, 5), blocks(4, 6), ids)  # overwrites the keys the previous graph saved
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        out["loss"].backward()
+    assert not torch.equal(m.text_queue, state["text_queue"])  # enqueued in the forward
+    m(blocks(4, 5), blocks(4, 6), ids)  # and again, before the first one's backward
+    out["loss_itc"].backward()
+    got = [p.grad.clone() for p in m.image_encoder.parameters()]
+
+    m.load_state_dict(state)  # the same step with the reference's plain autograd loss over copied keys
+    m.zero_grad()
+    torch.manual_seed(1)
+    monkeypatch.setattr(fuse.model, "itc_loss_against_queues", plain_itc_against_queues)
+    m(blocks(4, 3), blocks(4, 4), ids)["loss_itc"].backward()
+    for g, p in zip(got, m.image_encoder.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)

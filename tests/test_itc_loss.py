@@ -1,9 +1,11 @@
-"""fuse.losses.itc_loss_from_products: ALBEF's ITC loss from raw products, eager and torch.compile'd."""
+"""fuse.losses: ALBEF's ITC loss from raw products (eager and torch.compile'd), and against the queues with its
+gradient computed in the forward."""
 import pytest
 import torch
 
 import fuse.compiled as compiled
-from fuse.losses import itc_loss_from_products
+from fuse.losses import Side, itc_loss_against_queues, itc_loss_from_products
+from tests.itc_oracle import itc_by_hand, plain_itc_against_queues
 
 
 def case(n=6, q=9, seed=0, weighted=False):
@@ -33,18 +35,9 @@ def value_and_grads(args, **kw):
 
 
 def by_hand(args):
-    """The loss written out: soft targets over every column with the row's image id, the mean over rows of
-    -sum(targets * log_softmax(logits)), averaged over the two directions."""
-    ids, all_ids, temp = args["ids"], args["all_ids"], args["temp"]
-    pos = ((ids[:, None] == all_ids[None]) & (all_ids[None] >= 0)).float()
-    targets = pos / pos.sum(1, keepdim=True)
-    total = 0.0
-    for k, p in enumerate((args["p_i2t"], args["p_t2i"])):
-        logits = p / temp
-        if "w" in args:
-            logits = (1 - args["w"]) * logits + args["w"] * args["first"][k] / temp
-        total = total - (targets * torch.log_softmax(logits, 1)).sum(1).mean() / 2
-    return total
+    first = args.get("first")
+    return itc_by_hand(args["p_i2t"], args["p_t2i"], args["temp"], args["ids"], args["all_ids"], first,
+                       args.get("w"))
 
 
 @pytest.mark.parametrize("weighted", [False, True])
@@ -91,3 +84,55 @@ def test_compiled_loss_matches_eager(monkeypatch, weighted):
         for g, e in zip(got, value_and_grads(args, impl="eager")):
             torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
     assert set(compiled._compiled._fns) == {"loss.itc"}
+
+
+def queue_case(n=5, d=4, q=7, seed=0, weighted=False):
+    """Online features (leaves), momentum features and queues for both directions, temperature, ids with
+    repeats against a queue with empty (-100) entries; the first backbone's own and w when weighted."""
+    g = torch.Generator().manual_seed(seed)
+    rand = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    img, txt = rand(n, d).requires_grad_(), rand(n, d).requires_grad_()
+    ids = torch.randint(0, 3, (n,), generator=g)
+    queue_ids = torch.randint(0, 4, (q,), generator=g).masked_fill_(torch.arange(q) % 3 == 0, -100)
+    args = dict(i2t=Side(img, rand(n, d), rand(d, q)), t2i=Side(txt, rand(n, d), rand(d, q)),
+                temp=torch.tensor(0.5, requires_grad=True), ids=ids, all_ids=torch.cat([ids, queue_ids]))
+    if weighted:
+        img0, txt0 = rand(n, 3), rand(n, 3)
+        args.update(first=(Side(img0, txt0, rand(3, q)), Side(txt0, img0, rand(3, q))),
+                    w=torch.tensor(0.3, requires_grad=True))
+    return args
+
+
+def queue_leaves(args):
+    return [args["i2t"].online, args["t2i"].online, args["temp"]] + ([args["w"]] if "w" in args else [])
+
+
+@pytest.mark.parametrize("impl", ["eager", pytest.param("compiled", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_loss_against_queues_equals_plain_autograd(impl, weighted):
+    """Value, in-batch products and the gradient of the online features, temperature and w, against the loss
+    over copied keys with autograd; the queues may change between forward and backward (as the enqueue does)."""
+    args = queue_case(weighted=weighted)
+    want, *want_products = plain_itc_against_queues(**args)
+    want_grads = torch.autograd.grad(want * 3.0, queue_leaves(args))
+    got, *got_products = itc_loss_against_queues(**args, impl=impl)
+    for side in (args["i2t"], args["t2i"], *args.get("first", ())):
+        side.queue.add_(1.0)  # the enqueue after the forward: must not reach this loss's gradient
+    got_grads = torch.autograd.grad(got * 3.0, queue_leaves(args))  # the upstream gradient scales them
+    torch.testing.assert_close(got, want.detach(), rtol=1e-6, atol=1e-6)
+    for g, e in zip(got_products + list(got_grads), want_products + list(want_grads)):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
+    assert all(g.abs().sum() > 0 for g in got_grads)
+    assert not any(p.requires_grad for p in got_products)
+
+
+def test_loss_against_queues_without_grad_computes_the_loss_alone(monkeypatch):
+    args = queue_case(weighted=True)
+    want = plain_itc_against_queues(**args)[0].detach()
+    monkeypatch.setattr(torch.autograd, "grad", None)  # would fail if a gradient were computed
+    with torch.no_grad():
+        got, *_ = itc_loss_against_queues(**args, impl="eager")
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for leaf in queue_leaves(args):
+        leaf.requires_grad_(False)
+    torch.testing.assert_close(itc_loss_against_queues(**args, impl="eager")[0], want, rtol=1e-6, atol=1e-6)
