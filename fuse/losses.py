@@ -123,16 +123,15 @@ class _ItcAgainstQueues(torch.autograd.Function):
     @staticmethod
     def forward(ctx, i2t, t2i, ids, all_ids, first, impl, img, txt, temp, w=None):
         # The products as leaves of a small graph of their own: the loss's backward gives their gradients.
-        products = [p.requires_grad_() for side in (i2t, t2i) for p in side.products(side.online.detach())]
-        scalars = [temp.detach().requires_grad_()] + ([w.detach().requires_grad_()] if w is not None else [])
+        p_i2t, p_t2i = (tuple(p.requires_grad_() for p in side.products(side.online.detach())) for side in (i2t, t2i))
+        temp_, w_ = temp.detach().requires_grad_(), w.detach().requires_grad_() if w is not None else None
         firsts = (first[0].products(), first[1].products()) if first is not None else None
         with torch.enable_grad():
-            loss = itc_loss_from_products(products[:2], products[2:], scalars[0], ids, all_ids, firsts,
-                                          scalars[1] if w is not None else None, impl)
-            grads = torch.autograd.grad(loss, products + scalars)
+            loss = itc_loss_from_products(p_i2t, p_t2i, temp_, ids, all_ids, firsts, w_, impl)
+            grads = torch.autograd.grad(loss, [*p_i2t, *p_t2i, temp_] + ([w_] if w is not None else []))
         d_img, d_txt = i2t.grad(*grads[:2]).to(img.dtype), t2i.grad(*grads[2:4]).to(txt.dtype)
         ctx.save_for_backward(d_img, d_txt, *grads[4:])
-        pb_i2t, pb_t2i = products[0].detach(), products[2].detach()
+        pb_i2t, pb_t2i = p_i2t[0].detach(), p_t2i[0].detach()
         ctx.mark_non_differentiable(pb_i2t, pb_t2i)
         return loss.detach(), pb_i2t, pb_t2i
 
