@@ -1,7 +1,7 @@
 """HADA's training losses: id-targeted contrastive (ITC), hard-negative sampling and matching (ITM).
 
-Everything here computes in float32 (inputs are cast), so callers may hold
-bfloat16 activations under autocast.
+The losses compute in float32 (inputs are cast), so callers may hold bfloat16 activations under autocast;
+:func:`itc_loss_against_queues` takes float32 features (the model calls it with autocast off).
 """
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def itc_loss_from_products(p_i2t: Products, p_t2i: Products, temp: Tensor, ids: 
     return loss if ok else _itc_from_products(*args)
 
 
-class Side(NamedTuple):
+class QueueSide(NamedTuple):
     """One side of the contrastive pairs: the online features (N, D) whose gradient the loss gives, the momentum
     features (N, D) and the queue (D, Q) they are compared against (the *other* side's)."""
 
@@ -86,26 +86,33 @@ class Side(NamedTuple):
         x = self.online if online is None else online
         return x @ self.keys.t(), x @ self.queue
 
-    def grad(self, d_batch: Tensor, d_queue: Tensor) -> Tensor:
+    def online_grad(self, d_batch: Tensor, d_queue: Tensor) -> Tensor:
         """The gradient of the online features from those of their products. The queue's part as
         ``(queue @ d_queue.T).T``: the same product, a quarter faster on CPU than ``d_queue @ queue.T`` (BLAS
         runs the long dimension of a skinny product better as its rows)."""
         return d_batch @ self.keys + (self.queue @ d_queue.t()).t()
 
 
-def itc_loss_against_queues(i2t: Side, t2i: Side, temp: Tensor, ids: Tensor, all_ids: Tensor,
-                            first: Optional[tuple[Side, Side]] = None, w: Optional[Tensor] = None,
+def itc_loss_against_queues(i2t: QueueSide, t2i: QueueSide, temp: Tensor, ids: Tensor, all_ids: Tensor,
+                            first: Optional[tuple[QueueSide, QueueSide]] = None, w: Optional[Tensor] = None,
                             impl: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
     """HADA's ITC loss of the online image and caption features against the other side's momentum features
     and queue (the weighted stage adds the first backbone's own, ``first``, mixed by ``w``): the
     :func:`itc_loss_from_products` of those products. Also returns the in-batch products (N, N) of both
     directions, detached (hard negatives are drawn from them).
 
-    Where a gradient is wanted the loss computes it at once, in its forward (the loss's own backward, then the
-    products' two matrix products), and keeps only the gradients for the backward: so nothing the loss
-    reads is saved, the queues are read where they are and not copied, and the caller may enqueue right after.
-    The loss is then not twice differentiable.
+    Where a gradient is wanted (grad mode on and any of the online features, ``temp`` or ``w`` requiring it),
+    the loss computes it at once, in its forward (the loss's own backward, then the products' two matrix
+    products), whether or not a backward follows, and keeps only the gradients for the backward: so nothing
+    the loss reads is saved, the queues are read where they are and not copied, and the caller may enqueue
+    right after. Momentum features, queues and ``first`` get no gradient (passing ones that require it is
+    an error), and the loss is not twice differentiable. Float32 features.
     """
+    no_grad_inputs = [t for side in (i2t, t2i, *(first or ())) for t in (side.keys, side.queue)]
+    no_grad_inputs += [side.online for side in first or ()]
+    if any(t.requires_grad for t in no_grad_inputs):
+        raise ValueError("itc_loss_against_queues gives no gradient to momentum features, queues or the first "
+                         "backbone's embeddings; detach them")
     leaves = (i2t.online, t2i.online, temp) + ((w,) if w is not None else ())
     if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):
         loss, pb_i2t, pb_t2i = _ItcAgainstQueues.apply(i2t, t2i, ids, all_ids, first, impl, *leaves)
@@ -123,13 +130,16 @@ class _ItcAgainstQueues(torch.autograd.Function):
     @staticmethod
     def forward(ctx, i2t, t2i, ids, all_ids, first, impl, img, txt, temp, w=None):
         # The products as leaves of a small graph of their own: the loss's backward gives their gradients.
-        p_i2t, p_t2i = (tuple(p.requires_grad_() for p in side.products(side.online.detach())) for side in (i2t, t2i))
+        p_i2t, p_t2i = (tuple(p.requires_grad_() for p in side.products(x.detach()))
+                        for side, x in ((i2t, img), (t2i, txt)))
         temp_, w_ = temp.detach().requires_grad_(), w.detach().requires_grad_() if w is not None else None
         firsts = (first[0].products(), first[1].products()) if first is not None else None
         with torch.enable_grad():
             loss = itc_loss_from_products(p_i2t, p_t2i, temp_, ids, all_ids, firsts, w_, impl)
             grads = torch.autograd.grad(loss, [*p_i2t, *p_t2i, temp_] + ([w_] if w is not None else []))
-        d_img, d_txt = i2t.grad(*grads[:2]).to(img.dtype), t2i.grad(*grads[2:4]).to(txt.dtype)
+        # The features' gradients only where wanted (each is two (N, Q) x (Q, D) products).
+        d_img = i2t.online_grad(*grads[:2]) if ctx.needs_input_grad[6] else None
+        d_txt = t2i.online_grad(*grads[2:4]) if ctx.needs_input_grad[7] else None
         ctx.save_for_backward(d_img, d_txt, *grads[4:])
         pb_i2t, pb_t2i = p_i2t[0].detach(), p_t2i[0].detach()
         ctx.mark_non_differentiable(pb_i2t, pb_t2i)
@@ -138,7 +148,7 @@ class _ItcAgainstQueues(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g_loss, _g_pb_i2t, _g_pb_t2i):
-        grads = [g * g_loss for g in ctx.saved_tensors]
+        grads = [None if g is None else g * g_loss for g in ctx.saved_tensors]
         return (None,) * 6 + tuple(grads)
 
 

@@ -19,7 +19,7 @@ from fuse.attention import Sources, star_gatv2_rows
 from fuse.batch import NodeBlock
 from fuse.config import ATTENTION, FuseConfig, ModelConfig
 from fuse.graph import bipartite_graph, dense_graph
-from fuse.losses import Side, itc_loss_against_queues, itm_features, itm_loss, sample_hard_negatives
+from fuse.losses import QueueSide, itc_loss_against_queues, itm_features, itm_loss, sample_hard_negatives
 
 # Image ids of the queue's initial random entries (never equal to a real id, so never a positive).
 EMPTY_ID = -100
@@ -281,11 +281,11 @@ class HadaModel(nn.Module):
 
         with torch.autocast(img.device.type, enabled=False):  # similarities in float32
             # Each side against the other's momentum features and queue; the loss divides by the temperature.
-            i2t, t2i = Side(img, txt_m, self.text_queue), Side(txt, img_m, self.image_queue)
+            i2t, t2i = QueueSide(img, txt_m, self.text_queue), QueueSide(txt, img_m, self.image_queue)
             first, w = None, None
             if cfg.weighted:
                 w = self.mixing_weight()
-                first = Side(img0, txt0, self.text_first_queue), Side(txt0, img0, self.image_first_queue)
+                first = QueueSide(img0, txt0, self.text_first_queue), QueueSide(txt0, img0, self.image_first_queue)
             loss_itc, pb_i2t, pb_t2i = itc_loss_against_queues(i2t, t2i, self.temp, ids,
                                                                torch.cat([ids, self.idx_queue]), first, w, self.impl)
             # Hard negatives from the fused in-batch similarities: a caption per image, an image per caption.

@@ -276,11 +276,13 @@ def test_every_backbones_token_nodes_reach_the_output(backbone):
     torch.testing.assert_close(before[~has_tokens], after[~has_tokens])
 
 
-def test_itc_compares_against_the_queue_before_this_steps_enqueue(monkeypatch):
-    """The ITC loss reads the queues where they are (no copy) and gives its gradients from the queue as it was
-    before this step's enqueue, however the queues change before the backward."""
+@pytest.mark.parametrize("weighted", [False, True])
+def test_itc_compares_against_the_queue_before_this_steps_enqueue(monkeypatch, weighted):
+    """The ITC loss reads the queues where they are (no copy) and gives its gradients from the queues as they
+    were before this step's enqueue, however the queues change before the backward: every parameter's
+    gradient (temperature and w included) equals the reference's plain autograd over copied keys."""
     torch.manual_seed(0)
-    m = model().train()
+    m = model(weighted=weighted).train()
     ids = torch.tensor([0, 1, 2, 3])
     m(blocks(4, 1), blocks(4, 2), ids)["loss"].backward()
     state = copy.deepcopy(m.state_dict())
@@ -288,14 +290,19 @@ def test_itc_compares_against_the_queue_before_this_steps_enqueue(monkeypatch):
     torch.manual_seed(1)
     out = m(blocks(4, 3), blocks(4, 4), ids)
     assert not torch.equal(m.text_queue, state["text_queue"])  # enqueued in the forward
-    m(blocks(4, 5), blocks(4, 6), ids)  # and again, before the first one's backward
+    if not weighted:  # (a weighted forward clamps w in place, which the previous graph saved: as the reference)
+        m(blocks(4, 5), blocks(4, 6), ids)  # and again, before the first one's backward
     out["loss_itc"].backward()
-    got = [p.grad.clone() for p in m.image_encoder.parameters()]
+    got = {name: p.grad.clone() for name, p in m.named_parameters() if p.grad is not None}
 
     m.load_state_dict(state)  # the same step with the reference's plain autograd loss over copied keys
     m.zero_grad()
     torch.manual_seed(1)
     monkeypatch.setattr(fuse.model, "itc_loss_against_queues", plain_itc_against_queues)
     m(blocks(4, 3), blocks(4, 4), ids)["loss_itc"].backward()
-    for g, p in zip(got, m.image_encoder.parameters()):
-        torch.testing.assert_close(g, p.grad, rtol=1e-5, atol=1e-7)
+    want = {name: p.grad for name, p in m.named_parameters() if p.grad is not None}
+    assert got.keys() == want.keys() and {"temp", "image_encoder.out.linear.weight",
+                                          "text_encoder.out.linear.weight"} <= set(got)
+    assert ("w" in got) == weighted
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)

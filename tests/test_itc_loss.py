@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fuse.compiled as compiled
-from fuse.losses import Side, itc_loss_against_queues, itc_loss_from_products
+from fuse.losses import QueueSide, itc_loss_against_queues, itc_loss_from_products
 from tests.itc_oracle import itc_by_hand, plain_itc_against_queues
 
 
@@ -94,11 +94,11 @@ def queue_case(n=5, d=4, q=7, seed=0, weighted=False):
     img, txt = rand(n, d).requires_grad_(), rand(n, d).requires_grad_()
     ids = torch.randint(0, 3, (n,), generator=g)
     queue_ids = torch.randint(0, 4, (q,), generator=g).masked_fill_(torch.arange(q) % 3 == 0, -100)
-    args = dict(i2t=Side(img, rand(n, d), rand(d, q)), t2i=Side(txt, rand(n, d), rand(d, q)),
+    args = dict(i2t=QueueSide(img, rand(n, d), rand(d, q)), t2i=QueueSide(txt, rand(n, d), rand(d, q)),
                 temp=torch.tensor(0.5, requires_grad=True), ids=ids, all_ids=torch.cat([ids, queue_ids]))
     if weighted:
         img0, txt0 = rand(n, 3), rand(n, 3)
-        args.update(first=(Side(img0, txt0, rand(3, q)), Side(txt0, img0, rand(3, q))),
+        args.update(first=(QueueSide(img0, txt0, rand(3, q)), QueueSide(txt0, img0, rand(3, q))),
                     w=torch.tensor(0.3, requires_grad=True))
     return args
 
@@ -136,3 +136,23 @@ def test_loss_against_queues_without_grad_computes_the_loss_alone(monkeypatch):
     for leaf in queue_leaves(args):
         leaf.requires_grad_(False)
     torch.testing.assert_close(itc_loss_against_queues(**args, impl="eager")[0], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("needs", ["temp", "img", "w"])
+def test_loss_against_queues_gives_each_gradient_alone(needs):
+    """Only one input requires a gradient: that one is right, and the others get none."""
+    args = queue_case(weighted=True)
+    for leaf in queue_leaves(args):
+        leaf.requires_grad_(False)
+    leaf = {"temp": args["temp"], "img": args["i2t"].online, "w": args["w"]}[needs].requires_grad_()
+    want = torch.autograd.grad(plain_itc_against_queues(**args)[0], leaf)[0]
+    itc_loss_against_queues(**args, impl="eager")[0].backward()
+    torch.testing.assert_close(leaf.grad, want, rtol=1e-5, atol=1e-6)
+    assert all(t.grad is None for t in queue_leaves(args) if t is not leaf)
+
+
+def test_loss_against_queues_refuses_inputs_it_would_not_differentiate():
+    args = queue_case()
+    args["t2i"] = args["t2i"]._replace(keys=args["t2i"].keys.clone().requires_grad_())
+    with pytest.raises(ValueError, match="no gradient to momentum features"):
+        itc_loss_against_queues(**args, impl="eager")
