@@ -32,15 +32,21 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def autocast(device: torch.device, precision: str):
-    """Mixed precision on ``device`` (fp16 or bf16), or a no-op context for fp32."""
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the autocast matmuls of ``precision`` produce (float32 for fp32)."""
     import torch
 
     if precision not in PRECISIONS:
         raise PipelineError(f"--precision {precision!r}: choose {', '.join(PRECISIONS)}")
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision on ``device`` (fp16 or bf16), or a no-op context for fp32."""
+    import torch
+
+    dtype = compute_dtype(precision)
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 @contextlib.contextmanager

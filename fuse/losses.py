@@ -42,7 +42,7 @@ Products = Union[Tensor, Sequence[Tensor]]  # (N, N + Q), or its column blocks (
 
 
 def _columns(p: Products) -> Tensor:
-    return p if isinstance(p, Tensor) else torch.cat(list(p), dim=1)
+    return p if isinstance(p, Tensor) else torch.cat(p, dim=1)
 
 
 def _itc_from_products(p_i2t: Products, p_t2i: Products, temp: Tensor, ids: Tensor, all_ids: Tensor,

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.device import autocast, pick_device
+from data.device import autocast, compute_dtype, pick_device
 from data.errors import PipelineError
 from data.progress import Progress
 from data.store import common_settings, refuse_other_settings
@@ -201,8 +201,7 @@ def train(cfg: FuseConfig, given: frozenset[str] | None = None) -> dict:
     if cfg.attention == "pyg":
         log.info("attention: PyG's GATv2Conv on the edge list")
     else:
-        dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16  # of x_l, under autocast
-        log.info("attention: %s", implementation(ATTENTION[cfg.attention], device, dtype))
+        log.info("attention: %s", implementation(ATTENTION[cfg.attention], device, compute_dtype(cfg.precision)))
     history, best, best_epoch, bad_epochs = [], None, 0, 0
     if resumed:
         trainer.restore(resumed)

@@ -135,3 +135,12 @@ def native_calls(monkeypatch):
             return _real(*args)
         monkeypatch.setattr(native, name, spy)
     return seen
+
+
+@pytest.fixture
+def native_switch(monkeypatch):
+    """fuse.native.set_enabled, with the switch as it was restored after the test."""
+    from fuse import native
+
+    monkeypatch.setattr(native, "_enabled", native._enabled)
+    return native.set_enabled

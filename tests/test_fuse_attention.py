@@ -7,7 +7,6 @@ from torch_geometric.nn import GATv2Conv
 
 import fuse.attention as attention
 import fuse.compiled as compiled
-import fuse.native as native
 from fuse.attention import Sources, star_gatv2, star_gatv2_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -275,12 +274,10 @@ def test_fused_expressions_match_pyg(monkeypatch, n, s, t, heads):
 
 
 @pytest.fixture
-def without_native():
+def without_native(native_switch):
     """The torch.compile'd passes themselves: on CPU float32 the C++ loops would run instead
     (tests/test_fuse_native.py tests those)."""
-    native.set_enabled(False)
-    yield
-    native.set_enabled(True)
+    native_switch(False)
 
 
 @pytest.mark.slow

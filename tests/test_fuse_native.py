@@ -17,9 +17,9 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 @pytest.fixture
-def calls(native_calls):
+def calls(native_calls, native_switch):
     """native_calls (conftest); the library must build here."""
-    native.set_enabled(True)
+    native_switch(True)
     assert native._library() is not None, native.error
     return native_calls
 
@@ -94,18 +94,15 @@ def test_edge_gradient_uses_the_compiled_backward(calls, monkeypatch):
     assert calls == {"forward": 1, "backward": 0}
 
 
-def test_where_it_applies():
-    native.set_enabled(True)
+def test_where_it_applies(native_switch):
+    native_switch(True)
     x = torch.zeros(4, 2, 3)
     assert native.applies(x, torch.zeros(2, 2, 2, 3), torch.float32)
     assert not native.applies(x.double(), torch.zeros(2, 2, 2, 3).double(), torch.float64)
     assert not native.applies(x.bfloat16(), torch.zeros(2, 2, 2, 3), torch.float32)
     assert not native.applies(x, torch.zeros(2, 5, 2, 3), torch.float32)  # 5 targets: not compiled
-    native.set_enabled(False)
-    try:
-        assert not native.applies(x, torch.zeros(2, 2, 2, 3), torch.float32)
-    finally:
-        native.set_enabled(True)
+    native_switch(False)
+    assert not native.applies(x, torch.zeros(2, 2, 2, 3), torch.float32)
 
 
 def test_build_is_cached_by_source_flags_and_compiler(tmp_path):
@@ -153,18 +150,14 @@ def test_keeps_no_edge_sized_tensor_for_backward(calls):
     assert sum(sizes) < n * t * s * heads * c
 
 
-def test_the_logs_name_the_implementation():
+def test_the_logs_name_the_implementation(native_switch):
     from fuse.attention import implementation
 
     cpu = torch.device("cpu")
-    native.set_enabled(True)
+    native_switch(True)
     assert implementation("compiled", cpu, torch.float32).startswith("C++ loops")
     assert implementation("compiled", cpu, torch.bfloat16) == "torch.compile'd passes"
     assert implementation("eager", cpu, torch.float32) == "eager PyTorch passes"
-    native.set_enabled(False)
-    try:
-        assert implementation(None if compiled.wants_eager(None) else "auto", cpu, torch.float32) in (
-            "torch.compile'd passes", "eager PyTorch passes")
-        assert implementation("compiled", cpu, torch.float32) == "torch.compile'd passes"
-    finally:
-        native.set_enabled(True)
+    native_switch(False)
+    assert implementation("auto", cpu, torch.float32) in ("torch.compile'd passes", "eager PyTorch passes")
+    assert implementation("compiled", cpu, torch.float32) == "torch.compile'd passes"
